@@ -1,0 +1,1 @@
+"""The node side: the Flower ClientApp and the local training it runs."""

@@ -1,0 +1,1 @@
+"""The coordinator side: Hydra entry point, ServerApp, run outputs and baselines."""

@@ -1,0 +1,131 @@
+"""The run's ``metrics.jsonl`` and the live progress display.
+
+Each line of ``metrics.jsonl`` is one JSON object: one per round and phase
+for the aggregate (``scope: "global"``) and one per node (``scope: "node"``).
+Phases are ``train`` and ``evaluate`` (reported by nodes) and
+``server_evaluate`` (the global model on the pooled test split, simulation
+only). Lines are flushed as they are written, so a crashed run keeps every
+finished round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _json_safe(metrics: dict[str, float]) -> dict[str, float | None]:
+    # JSON has no NaN; an undefined metric is written as null.
+    return {key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in metrics.items()}
+
+
+class RunLog:
+    """Writes ``metrics.jsonl`` and shows round progress.
+
+    Parameters
+    ----------
+    path : Path
+        The ``metrics.jsonl`` file; created with its parent folder.
+    num_rounds : int
+        Rounds planned, for the progress display and ETA.
+    primary_metric : str
+        The metric shown in the progress line.
+    """
+
+    def __init__(self, path: Path, num_rounds: int, primary_metric: str) -> None:
+        self.path = path
+        self.num_rounds = num_rounds
+        self.primary_metric = primary_metric
+        self.last_node_evaluation: dict[int, dict[str, float]] = {}
+        self.server_evaluations: dict[int, dict[str, float]] = {}
+        self._answered = ""
+        self._started = time.monotonic()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+        self._progress = _Progress(num_rounds)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record with a timestamp."""
+        record = {"time": round(time.time(), 3), **record}
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def _write_phase(self, phase: str, server_round: int, sampled: int, nodes: dict[int, dict[str, float]], failures: list[str], aggregated: dict[str, float]) -> None:
+        self.write(
+            {
+                "phase": phase,
+                "round": server_round,
+                "scope": "global",
+                "sampled": sampled,
+                "replied": len(nodes),
+                "failures": failures,
+                "metrics": _json_safe(aggregated),
+            }
+        )
+        for partition_id, metrics in sorted(nodes.items()):
+            self.write({"phase": phase, "round": server_round, "scope": "node", "node": partition_id, "metrics": _json_safe(metrics)})
+        for reason in failures:
+            logger.warning("%s round %d: reply failed: %s", phase, server_round, reason)
+
+    def on_train(self, server_round: int, sampled: int, nodes: dict[int, dict[str, float]], failures: list[str], aggregated: dict[str, float]) -> None:
+        """Record one training round."""
+        self._write_phase("train", server_round, sampled, nodes, failures, aggregated)
+        self._answered = f"{len(nodes)}/{sampled}"
+
+    def on_evaluate(self, server_round: int, sampled: int, nodes: dict[int, dict[str, float]], failures: list[str], aggregated: dict[str, float]) -> None:
+        """Record one federated evaluation and update the progress line."""
+        self._write_phase("evaluate", server_round, sampled, nodes, failures, aggregated)
+        self.last_node_evaluation = nodes
+        if server_round not in self.server_evaluations:
+            self._show(server_round, aggregated.get(self.primary_metric), "node avg")
+
+    def on_server_evaluate(self, server_round: int, metrics: dict[str, float]) -> None:
+        """Record the global model's score on the pooled test split."""
+        self.server_evaluations[server_round] = metrics
+        self.write({"phase": "server_evaluate", "round": server_round, "scope": "global", "metrics": _json_safe(metrics)})
+        self._show(server_round, metrics.get(self.primary_metric), "pooled test")
+
+    def _show(self, server_round: int, value: float | None, source: str) -> None:
+        elapsed = time.monotonic() - self._started
+        eta = elapsed / server_round * (self.num_rounds - server_round) if server_round else float("nan")
+        metric = "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+        line = (
+            f"round {server_round}/{self.num_rounds} | nodes answered {self._answered or '-'} | "
+            f"{self.primary_metric} {metric} ({source}) | elapsed {elapsed:.0f}s | eta {eta:.0f}s"
+        )
+        self._progress.update(server_round, line)
+
+    def close(self) -> None:
+        """Close the file and the progress display."""
+        self._progress.close()
+        self._file.close()
+
+
+class _Progress:
+    """A rich progress bar on a terminal, one log line per round otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self._bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            self._bar = Progress(TextColumn("[bold]federated"), BarColumn(), TextColumn("{task.description}"), transient=False)
+            self._task = self._bar.add_task("starting", total=total)
+            self._bar.start()
+
+    def update(self, completed: int, line: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=completed, description=line)
+        else:
+            logger.info("%s", line)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
