@@ -1,0 +1,124 @@
+"""Key provisioning for a federation: the CKKS contexts and the nodes' signing keys.
+
+Layout written by ``init_ckks_keys(out_dir)`` (and ``fedseal keys init``):
+
+``out_dir/server/``
+    The public context only. This is all the server ever loads.
+``out_dir/node/``
+    The secret context (file mode 0600), to be installed on every node.
+``out_dir/fingerprint.txt``
+    SHA-256 of the serialized public context.
+
+``init_signing_keys(out_dir, num_nodes, ...)`` (``fedseal keys init --nodes N``) adds:
+
+``out_dir/signing/node-<id>/``
+    Node ``id``'s Ed25519 key pair: ``signing.key`` (mode 0600, install on
+    that site only) and ``signing.pub``.
+``out_dir/registry.sqlite``
+    The default node registry with every public key, unless another
+    database URL is given.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from crypto import ckks, signing
+from provenance.registry import DEFAULT_FILENAME, NodeInfo, NodeRegistry, sqlite_url
+
+logger = logging.getLogger(__name__)
+
+SERVER_DIR = "server"
+NODE_DIR = "node"
+
+
+def init_ckks_keys(out_dir: Path, preset: str = "compact", overwrite: bool = False) -> str:
+    """Create a federation's CKKS material under ``out_dir``; return the fingerprint.
+
+    Raises
+    ------
+    FileExistsError
+        If keys exist there and ``overwrite`` is False, because replacing a
+        key makes every stored encrypted model unreadable.
+    """
+    out_dir = Path(out_dir)
+    secret_file = out_dir / NODE_DIR / ckks.SECRET_CONTEXT_FILENAME
+    if secret_file.exists() and not overwrite:
+        raise FileExistsError(f"{secret_file} exists; pass --overwrite to replace the key (old encrypted models become unreadable).")
+
+    secret = ckks.generate_context(preset)
+    ckks.write_secret_context(secret, out_dir / NODE_DIR)
+    ckks.write_public_context(secret, out_dir / SERVER_DIR)
+    (out_dir / "fingerprint.txt").write_text(secret.fingerprint + "\n", encoding="utf-8")
+    logger.info("CKKS keys (%s) written to %s, fingerprint %s", preset, out_dir, secret.fingerprint)
+    return secret.fingerprint
+
+
+def load_server_context(keys_dir: Path) -> ckks.PublicContext:
+    """Load the public context from ``keys_dir/server`` (never the node folder)."""
+    return ckks.read_public_context(Path(keys_dir) / SERVER_DIR)
+
+
+def init_signing_keys(
+    out_dir: Path,
+    num_nodes: int,
+    registry_url: str | None = None,
+    organisations: list[str] | None = None,
+    overwrite: bool = False,
+) -> list[NodeInfo]:
+    """Create an Ed25519 key pair per node under ``out_dir/signing`` and register the public keys.
+
+    Parameters
+    ----------
+    out_dir : Path
+        Key folder; node ``i`` gets ``signing/node-<i>/``.
+    num_nodes : int
+        Number of nodes; their ids are the partition ids ``0 .. num_nodes - 1``.
+    registry_url : str, optional
+        SQLAlchemy URL of the node registry; default ``out_dir/registry.sqlite``.
+    organisations : list of str, optional
+        One label for all nodes, or one per node; default ``site-<i>``.
+    overwrite : bool
+        Replace existing key files and rotate the registered keys.
+
+    Raises
+    ------
+    ValueError
+        If ``num_nodes`` < 1 or the number of labels is neither 1 nor ``num_nodes``.
+    FileExistsError
+        If a node's key exists and ``overwrite`` is False.
+    provenance.registry.RegistryError
+        If the registry cannot be opened, or contains another key for a node
+        and ``overwrite`` is False.
+    """
+    if num_nodes < 1:
+        raise ValueError(f"--nodes must be >= 1, got {num_nodes}.")
+    labels = list(organisations or [])
+    if len(labels) not in (0, 1, num_nodes):
+        raise ValueError(f"Got {len(labels)} --org labels for {num_nodes} nodes; give one label for all nodes or one per node.")
+
+    out_dir = Path(out_dir)
+    folders = [signing.node_key_dir(out_dir / signing.SIGNING_DIR, node_id) for node_id in range(num_nodes)]
+    existing = [folder / signing.PRIVATE_KEY_FILENAME for folder in folders if (folder / signing.PRIVATE_KEY_FILENAME).exists()]
+    if existing and not overwrite:
+        # Checked before writing anything, so a refused call leaves no half-made key set.
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the nodes' signing keys.")
+
+    registry = NodeRegistry(registry_url or sqlite_url(out_dir / DEFAULT_FILENAME))
+    try:
+        nodes = []
+        for node_id in range(num_nodes):
+            key = signing.generate_private_key()
+            signing.save_key_pair(key, folders[node_id], overwrite=overwrite)
+            if len(labels) == num_nodes:
+                label = labels[node_id]
+            elif labels:
+                label = labels[0]
+            else:
+                label = f"site-{node_id}"
+            nodes.append(registry.register(node_id, signing.public_key_hex(key), label, replace=overwrite))
+    finally:
+        registry.close()
+    logger.info("Signing keys for %d nodes written to %s", num_nodes, out_dir / signing.SIGNING_DIR)
+    return nodes
