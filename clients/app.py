@@ -7,18 +7,33 @@ node answers with its new model and a MetricRecord, plus a ConfigRecord
 
 Node config keys (set by the simulation, or ``flower-supernode --node-config``):
 ``partition-id`` and ``num-partitions`` (required), ``data-root`` (optional,
-overrides the server's suggestion).
+overrides the server's suggestion), ``signing-key`` (path of the node's
+Ed25519 private key; needed when the server checks update signatures),
+``state-dir`` (optional folder for the node's privacy ledger under
+``privacy=dp_sgd``; the default is a folder the server names).
 """
 
 from __future__ import annotations
 
 import logging
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.local import evaluate_node, train_node
-from scenarios.spec import TASK_KEY, TaskSpec
+from clients import encrypted, signing
+from clients.local import build_model, evaluate_node, train_node
+from privacy import is_central
+from privacy.central import clip_on_node
+from privacy.ledger import BUDGET_EXHAUSTED_ERROR_CODE, PrivacyBudgetExhausted
+from scenarios.spec import TASK_KEY, TaskSpec, load_node, scenario_for
+from strategies.he_fedavg import (
+    BATCH_KEY,
+    DENOMINATOR_KEY,
+    ENCRYPTION_KEY,
+    INITIAL_HASH_KEY,
+    MODEL_RECORD,
+    UPDATE_RECORD,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +76,35 @@ def _data_root(context: Context) -> str | None:
     return str(root) if root else None
 
 
+def _state_dir(context: Context) -> str | None:
+    state_dir = context.node_config.get("state-dir")
+    return str(state_dir) if state_dir else None
+
+
 def _metric_record(metrics: dict[str, float]) -> MetricRecord:
     # A metric undefined on this node (one class in its test split) is sent
     # as NaN; the server's averaging skips it.
     return MetricRecord({key: float(value) for key, value in metrics.items()})
+
+
+def _is_encrypted(msg: Message) -> bool:
+    return msg.content[CONFIG_KEY].get(ENCRYPTION_KEY) == "ckks"
+
+
+def _encrypted_global(msg: Message, context: Context, spec: TaskSpec):
+    """Return (secret context, global state) for an encrypted round."""
+    config = msg.content[CONFIG_KEY]
+    enc_spec = encrypted.EncryptionSpec(**spec.encryption)
+    secret = encrypted.load_secret(enc_spec, context.node_config.get("ckks-secret-dir"))
+
+    initial = build_model(scenario_for(spec), spec.train.seed).state_dict()
+    if encrypted.state_hash(initial) != config[INITIAL_HASH_KEY]:
+        raise ValueError("The initial model rebuilt on this node differs from the server's; check both run the same code and seed.")
+
+    drift = msg.content[MODEL_RECORD][BATCH_KEY] if MODEL_RECORD in msg.content.config_records else None
+    # Training rounds also check that their sum cannot overflow; evaluation only reads.
+    bound = float(enc_spec.update_bound) if msg.metadata.message_type == "train" else None
+    return secret, encrypted.global_state(secret, initial, drift, update_bound=bound)
 
 
 @app.train()
@@ -74,18 +114,30 @@ def train(msg: Message, context: Context) -> Message:
     spec = TaskSpec.from_json(str(config[TASK_KEY]))
     server_round = int(config["server-round"])
     partition_id = node_identity(context, spec)
+    node_record = ConfigRecord({"partition-id": partition_id})
 
-    state = msg.content[ARRAYS_KEY].to_torch_state_dict()
-    new_state, metrics = train_node(spec, partition_id, state, server_round, _data_root(context))
+    if _is_encrypted(msg):
+        secret, state = _encrypted_global(msg, context, spec)
+    else:
+        state = msg.content[ARRAYS_KEY].to_torch_state_dict()
+    try:
+        new_state, metrics = train_node(spec, partition_id, state, server_round, _data_root(context), _state_dir(context))
+    except PrivacyBudgetExhausted as declined:
+        # An error reply, so every strategy skips this node and the round goes on with the others.
+        logger.warning("Node %d declines round %d: %s", partition_id, server_round, declined)
+        return Message(Error(code=BUDGET_EXHAUSTED_ERROR_CODE, reason=str(declined)), reply_to=msg)
     logger.info("Node %d finished training round %d on %d examples", partition_id, server_round, int(metrics["num-examples"]))
+    if is_central(spec.privacy) and not _is_encrypted(msg):
+        clip_on_node(config, spec.privacy, new_state, state, metrics)
 
-    content = RecordDict(
-        {
-            ARRAYS_KEY: ArrayRecord(new_state),
-            METRICS_KEY: _metric_record(metrics),
-            NODE_KEY: ConfigRecord({"partition-id": partition_id}),
-        }
-    )
+    if _is_encrypted(msg):
+        weight = metrics["num-examples"] / float(config[DENOMINATOR_KEY])
+        batch = encrypted.encrypt_delta(secret, new_state, state, weight, float(spec.encryption["update_bound"]))
+        content = RecordDict({METRICS_KEY: _metric_record(metrics), UPDATE_RECORD: ConfigRecord({BATCH_KEY: batch}), NODE_KEY: node_record})
+    else:
+        content = RecordDict({ARRAYS_KEY: ArrayRecord(new_state), METRICS_KEY: _metric_record(metrics), NODE_KEY: node_record})
+    # Sign last: the signature covers the payload exactly as sent.
+    signing.sign_train_reply(content, msg.content, dict(context.node_config), spec.provenance, partition_id, server_round)
     return Message(content=content, reply_to=msg)
 
 
@@ -96,8 +148,47 @@ def evaluate(msg: Message, context: Context) -> Message:
     spec = TaskSpec.from_json(str(config[TASK_KEY]))
     partition_id = node_identity(context, spec)
 
-    state = msg.content[ARRAYS_KEY].to_torch_state_dict()
+    if _is_encrypted(msg):
+        _, state = _encrypted_global(msg, context, spec)
+    else:
+        state = msg.content[ARRAYS_KEY].to_torch_state_dict()
     metrics = evaluate_node(spec, partition_id, state, _data_root(context))
 
     content = RecordDict({METRICS_KEY: _metric_record(metrics), NODE_KEY: ConfigRecord({"partition-id": partition_id})})
     return Message(content=content, reply_to=msg)
+
+
+@app.query("size")
+def size(msg: Message, context: Context) -> Message:
+    """Return this node's number of training examples (the FedAvg weight)."""
+    spec = TaskSpec.from_json(str(msg.content[CONFIG_KEY][TASK_KEY]))
+    partition_id = node_identity(context, spec)
+    data = load_node(spec, partition_id, _data_root(context))
+    examples = float(scenario_for(spec).num_examples(data.train))
+    return Message(content=RecordDict({METRICS_KEY: MetricRecord({"num-examples": examples})}), reply_to=msg)
+
+
+@app.query("canary")
+def canary(msg: Message, context: Context) -> Message:
+    """Score the current global model and a candidate on this node's test split (A/B)."""
+    config = msg.content[CONFIG_KEY]
+    spec = TaskSpec.from_json(str(config[TASK_KEY]))
+    partition_id = node_identity(context, spec)
+
+    if _is_encrypted(msg):
+        enc_spec = encrypted.EncryptionSpec(**spec.encryption)
+        secret = encrypted.load_secret(enc_spec, context.node_config.get("ckks-secret-dir"))
+        initial = build_model(scenario_for(spec), spec.train.seed).state_dict()
+        records = msg.content.config_records
+        models = {
+            name: encrypted.global_state(secret, initial, records[name][BATCH_KEY] if name in records else None)
+            for name in ("current", "candidate")
+        }
+    else:
+        models = {name: msg.content[name].to_torch_state_dict() for name in ("current", "candidate")}
+
+    metrics: dict[str, float] = {}
+    for name, state in models.items():
+        for key, value in evaluate_node(spec, partition_id, state, _data_root(context)).items():
+            metrics[f"{name}.{key}"] = float(value)
+    return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)

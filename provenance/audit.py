@@ -70,6 +70,16 @@ class AuditLog:
         The JSONL file. Created with its folder when missing. When it exists,
         its chain is verified first and new entries extend it.
 
+    fsync_each : bool
+        Force every entry to disk before ``append`` returns. Off by default:
+        entries are flushed to the operating system at once (a killed
+        process loses none) and forced to disk by ``sync``, which the server
+        calls before it commits each round.
+    recover : bool
+        After a crash, set aside a torn last line (written partly when the
+        process died) into ``audit.jsonl.torn`` and resynchronise the head
+        file with the complete lines. Edited or reordered lines still fail.
+
     Raises
     ------
     AuditChainError
@@ -77,11 +87,14 @@ class AuditLog:
         broken chain.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, recover: bool = False, fsync_each: bool = False) -> None:
         self.path = Path(path)
+        self.fsync_each = fsync_each
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
+        if recover and self.path.exists():
+            _recover_after_crash(self.path)
         result = verify_chain(self.path) if self.path.exists() else VerifyResult(True, 0, GENESIS, None, None)
         if not result.ok:
             raise AuditChainError(
@@ -107,16 +120,53 @@ class AuditLog:
             with self.path.open("ab") as handle:
                 handle.write(canonical(entry) + b"\n")
                 handle.flush()
-                os.fsync(handle.fileno())
+                if self.fsync_each:
+                    os.fsync(handle.fileno())
             self._seq += 1
             self._prev = entry["hash"]
             _write_head(self.path, self._seq, self._prev)
         return entry
 
+    def sync(self) -> None:
+        """Force the log and its head file to disk (call before committing a round)."""
+        with self._lock:
+            for target in (self.path, head_path(self.path)):
+                if target.exists():
+                    with target.open("rb") as handle:
+                        os.fsync(handle.fileno())
+
     @property
     def last_hash(self) -> str:
         """The last entry's hash (the value to anchor elsewhere)."""
         return self._prev
+
+
+def _recover_after_crash(path: Path) -> None:
+    """Set aside a torn final line and rewrite the head file to match the complete lines.
+
+    A crash can interrupt the write of the last line, or come between the
+    log write and the head write. Both leave a valid prefix, which this
+    keeps. The torn bytes are preserved beside the log, not deleted.
+    """
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        torn = path.with_name(path.name + ".torn")
+        with torn.open("ab") as handle:
+            handle.write(data[cut:] + b"\n")
+        with path.open("r+b") as handle:
+            handle.truncate(cut)
+        logger.warning("Audit log %s ended in a torn line of %d bytes; moved it to %s", path, len(data) - cut, torn)
+
+    entries, last_hash = 0, GENESIS
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if _check_line(line, number, last_hash):
+            return  # A real break: leave it for verify_chain to report.
+        entries, last_hash = number, json.loads(line)["hash"]
+    recorded = json.loads(head_path(path).read_text(encoding="utf-8")) if head_path(path).exists() else None
+    if recorded != {"entries": entries, "last_hash": last_hash} and (recorded is None or recorded["entries"] <= entries):
+        logger.warning("Audit head file of %s was behind the log (crash between writes); rewriting it", path)
+        _write_head(path, entries, last_hash)
 
 
 def _write_head(path: Path, entries: int, last_hash: str) -> None:

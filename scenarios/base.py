@@ -42,6 +42,9 @@ class PartitionSettings:
         Seed for the partition and the per-node splits.
     val_fraction, test_fraction : float
         Share of each node's rows held out for validation and test.
+    holdout : int
+        Rows reserved for the server before partitioning (a root dataset
+        that is in no node's splits; see ``Scenario.load_holdout``). 0 reserves none.
     """
 
     num_nodes: int
@@ -50,6 +53,7 @@ class PartitionSettings:
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    holdout: int = 0
 
 
 @dataclass
@@ -117,3 +121,67 @@ class Scenario(ABC):
     @abstractmethod
     def num_examples(self, split: Any) -> int:
         """Return the number of training examples in one split container."""
+
+    def flip_labels(self, data: NodeData) -> NodeData:
+        """Return a copy of ``data`` with poisoned training labels, for the ``label_flip`` attack.
+
+        Only ``data.train`` changes; ``data`` itself is left as it is, because
+        node data is cached and shared within a process.
+
+        Raises
+        ------
+        NotImplementedError
+            If the scenario defines no label flip.
+        """
+        raise NotImplementedError(f"Scenario {self.name!r} does not support attack=label_flip; choose another attack.")
+
+    def load_holdout(self, data_root: Path, partition: PartitionSettings) -> NodeData:
+        """Return the ``partition.holdout`` rows reserved for the server, as the ``train`` split of a ``NodeData``.
+
+        No node's splits contain these rows. The ``val`` and ``test`` splits are empty.
+
+        Raises
+        ------
+        NotImplementedError
+            If the scenario cannot reserve rows for the server.
+        """
+        raise NotImplementedError(
+            f"Scenario {self.name!r} cannot reserve rows for the server; set data.holdout=0 and use a strategy other than trust."
+        )
+
+    # --- DP-SGD (privacy.dp_sgd) ------------------------------------------
+
+    def training_dataset(self, data: NodeData) -> torch.utils.data.Dataset:
+        """Return ``data.train`` as a map-style dataset with one item per privacy unit, for DP-SGD.
+
+        A privacy unit is what DP-SGD protects: its gradient is clipped as a
+        whole, and epsilon bounds what a model reveals about any one unit.
+        Items are tuples of tensors. A dataset that defines ``__getitems__``
+        must return the whole batch already collated, also for an empty
+        list of indices (an empty Poisson batch).
+
+        Raises
+        ------
+        NotImplementedError
+            If the scenario does not support DP-SGD.
+        """
+        raise NotImplementedError(f"Scenario {self.name!r} does not support privacy=dp_sgd; choose privacy=none or central.")
+
+    def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """Return the mean loss over the units of a non-empty batch from ``training_dataset``.
+
+        Each unit's term may depend only on that unit, because Opacus clips
+        per-unit gradients. ``generator`` is the only source of randomness
+        the loss may use (negative sampling, for example). ``model`` may be
+        wrapped by Opacus, so the loss calls it, never its submodules.
+
+        Raises
+        ------
+        NotImplementedError
+            If the scenario does not support DP-SGD.
+        """
+        raise NotImplementedError(f"Scenario {self.name!r} does not support privacy=dp_sgd; choose privacy=none or central.")
+
+    def optimizer(self, parameters: Any, lr: float) -> torch.optim.Optimizer:
+        """Return the optimizer of the private training loop; Adam unless a scenario overrides it."""
+        return torch.optim.Adam(parameters, lr=lr)

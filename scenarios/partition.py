@@ -30,9 +30,10 @@ SCHEMES = ("iid", "dirichlet", "natural")
 # A draw costs one Dirichlet sample per class, so the bound is about speed, not memory.
 MAX_DIRICHLET_DRAWS = 1000
 
-# Tags that give the node assignment and the per-node splits independent random streams.
+# Tags that give the node assignment, the per-node splits and the server holdout independent random streams.
 _ASSIGN_STREAM = 0
 _SPLIT_STREAM = 1
+_HOLDOUT_STREAM = 2
 
 _MAX_KEYS_IN_MESSAGE = 10
 
@@ -70,6 +71,9 @@ def validate_partition_settings(settings: PartitionSettings) -> None:
             f"val_fraction + test_fraction must be < 1 so that training rows remain, got "
             f"{settings.val_fraction!r} + {settings.test_fraction!r} = {held_out!r}"
         )
+
+    if not isinstance(settings.holdout, (int, np.integer)) or settings.holdout < 0:
+        raise ValueError(f"holdout must be a non-negative integer (rows reserved for the server), got {settings.holdout!r}")
 
 
 def assign_nodes(
@@ -337,6 +341,47 @@ def _apportion(total: int, sizes: np.ndarray, minimum: np.ndarray, capacity: np.
     return counts
 
 
+def holdout_rows(labels: np.ndarray, settings: PartitionSettings) -> np.ndarray:
+    """Draw the ``settings.holdout`` rows reserved for the server, stratified by label.
+
+    Each class gets a share of the holdout in proportion to its size
+    (largest remainder), and at least one row when the holdout has room for
+    every class, so a rare class is still represented.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        One label per row of the whole dataset.
+    settings : PartitionSettings
+        ``holdout`` (number of rows) and ``seed``.
+
+    Returns
+    -------
+    np.ndarray
+        Sorted row indices, int64; empty when ``holdout`` is 0.
+
+    Raises
+    ------
+    ValueError
+        If ``holdout`` is not smaller than the number of rows.
+    """
+    validate_partition_settings(settings)
+    labels = _as_1d(labels, "labels")
+    if settings.holdout == 0:
+        return np.zeros(0, dtype=np.int64)
+    if settings.holdout >= len(labels):
+        raise ValueError(f"holdout={settings.holdout} reserves every one of the {len(labels)} rows; lower the holdout.")
+
+    _, class_index = np.unique(labels, return_inverse=True)
+    class_sizes = np.bincount(class_index)
+    minimum = np.full(len(class_sizes), 1 if settings.holdout >= len(class_sizes) else 0, dtype=np.int64)
+    counts = _apportion(settings.holdout, class_sizes, np.minimum(minimum, class_sizes), class_sizes)
+
+    rng = np.random.default_rng([settings.seed, _HOLDOUT_STREAM])
+    chosen = [rng.choice(np.flatnonzero(class_index == c), size=count, replace=False) for c, count in enumerate(counts)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
 def partition_rows(
     labels: np.ndarray,
     settings: PartitionSettings,
@@ -364,13 +409,25 @@ def partition_rows(
     -------
     list of tuple of np.ndarray
         ``(train, val, test)`` row indices for nodes ``0 .. num_nodes - 1``.
+        The ``holdout_rows`` of ``settings`` are in no node's splits.
     """
     labels = _as_1d(labels, "labels")
-    assignment = assign_nodes(labels, settings, natural_keys, min_rows, scenario=scenario)
+
+    # Rows reserved for the server leave the pool before any node is assigned.
+    available = np.arange(len(labels))
+    keys = natural_keys
+    if settings.holdout:
+        available = np.setdiff1d(available, holdout_rows(labels, settings))
+        if natural_keys is not None:
+            keys = _as_1d(natural_keys, "natural_keys")
+            if len(keys) != len(labels):
+                raise ValueError(f"natural_keys has {len(keys)} entries but labels has {len(labels)}. Pass one key per row.")
+            keys = keys[available]
+    assignment = assign_nodes(labels[available], settings, keys, min_rows, scenario=scenario)
 
     splits = []
     for node in range(settings.num_nodes):
-        rows = np.flatnonzero(assignment == node)
+        rows = available[assignment == node]
         splits.append(split_rows(rows, labels[rows], settings, node))
     return splits
 

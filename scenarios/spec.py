@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,18 @@ class TaskSpec:
         Dataset folder. A node's own ``data-root`` node config overrides it.
     allow_download : bool
         Whether a node may fetch missing files from their canonical URL.
+    encryption : dict or None
+        CKKS settings (``clients.encrypted.EncryptionSpec`` fields) when
+        updates are encrypted; None for plaintext aggregation.
+    attack : dict or None
+        Simulated attack settings that nodes act on (data poisoning), with
+        the attacker partition ids; None without an attack.
+    privacy : dict or None
+        Differential-privacy settings for node-side training; None without DP.
+    provenance : dict or None
+        Update signing: ``run_id`` (the server's id of this run, which nodes
+        sign) and ``keys_dir`` (simulation only: the folder with the nodes'
+        ``signing/node-<id>/signing.key``); None when signatures are off.
     """
 
     scenario: str
@@ -52,6 +65,10 @@ class TaskSpec:
     train: TrainSettings = field(default_factory=TrainSettings)
     data_root: str | None = None
     allow_download: bool = True
+    encryption: dict[str, Any] | None = None
+    attack: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = None
+    provenance: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """Serialize to a JSON string with sorted keys (stable across processes)."""
@@ -68,6 +85,10 @@ class TaskSpec:
             train=TrainSettings(**raw["train"]),
             data_root=raw.get("data_root"),
             allow_download=bool(raw.get("allow_download", True)),
+            encryption=raw.get("encryption"),
+            attack=raw.get("attack"),
+            privacy=raw.get("privacy"),
+            provenance=raw.get("provenance"),
         )
 
     def round_seed(self, server_round: int, partition_id: int) -> int:
@@ -102,11 +123,9 @@ def load_all_nodes(spec: TaskSpec, data_root: str | None = None) -> list[NodeDat
     """
     root = resolve_data_root(data_root or spec.data_root)
     if not spec.allow_download:
-        # The datasets module reads this switch; setting it here keeps the
-        # spec the single source of truth inside this process.
-        import os
-
-        os.environ.setdefault("FEDSEAL_OFFLINE", "1")
+        # Scenario loaders take no download flag, so the spec's choice reaches
+        # the datasets module through its offline switch, for this process.
+        os.environ["FEDSEAL_OFFLINE"] = "1"
     return list(_cached_nodes(spec.to_json(), str(root)))
 
 

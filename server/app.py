@@ -35,9 +35,14 @@ app = ServerApp()
 
 
 def _output_dir(run_config: dict, scenario: str) -> Path:
-    """Return the run directory: ``output-dir``, else $FEDSEAL_OUTPUT_DIR, else ./fedseal-runs."""
+    """Return the run directory under ``output-dir`` (else $FEDSEAL_OUTPUT_DIR, else ./fedseal-runs).
+
+    Its name is ``run-name`` when set, so a restarted ServerApp with
+    ``resume=true`` finds the same folder; otherwise a timestamp and the scenario.
+    """
     base = run_config.get("output-dir") or os.environ.get(OUTPUT_DIR_ENV) or "fedseal-runs"
-    return Path(str(base)).expanduser().resolve() / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{scenario}"
+    name = str(run_config.get("run-name") or "") or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{scenario}"
+    return Path(str(base)).expanduser().resolve() / name
 
 
 @app.main()

@@ -2,6 +2,13 @@
 
     fedseal data check [--root DIR] [--download]
     fedseal summary RUN_DIR
+    fedseal keys init --out DIR [--preset compact] [--overwrite] [--nodes N [--org LABEL ...] [--db URL]]
+    fedseal nodes list --db URL
+    fedseal nodes revoke ID --db URL
+    fedseal audit verify PATH
+    fedseal models list --db URL_OR_RUN_DIR [--run RUN_ID]
+    fedseal models export VERSION --db URL_OR_RUN_DIR --out FILE [--run RUN_ID]
+    fedseal models decrypt RUN_DIR --secret-dir DIR --out FILE
 """
 
 from __future__ import annotations
@@ -48,6 +55,186 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_init(args: argparse.Namespace) -> int:
+    """Create the CKKS material of a federation."""
+    from server.keys import NODE_DIR, SERVER_DIR, init_ckks_keys
+
+    try:
+        fingerprint = init_ckks_keys(Path(args.out), args.preset, overwrite=args.overwrite)
+    except FileExistsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    print(f"CKKS preset {args.preset}, fingerprint {fingerprint}")
+    print(f"  server (public context only): {out / SERVER_DIR}")
+    print(f"  nodes (secret context, mode 0600; install on every site, never on the server): {out / NODE_DIR}")
+    return _signing_keys_init(args) if args.nodes else 0
+
+
+def _signing_keys_init(args: argparse.Namespace) -> int:
+    """Create the nodes' Ed25519 signing keys and register them."""
+    from crypto.signing import SIGNING_DIR
+    from provenance.registry import RegistryError
+    from server.keys import init_signing_keys
+
+    try:
+        nodes = init_signing_keys(Path(args.out), args.nodes, args.db, args.org, overwrite=args.overwrite)
+    except (FileExistsError, ValueError, RegistryError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Ed25519 signing keys for {len(nodes)} nodes in {Path(args.out) / SIGNING_DIR} (install node-<id>/signing.key on that site only)")
+    _print_nodes(nodes)
+    return 0
+
+
+def _open_registry(url: str):
+    """Return the registry at ``url``, or None after printing why it cannot be opened."""
+    from provenance.registry import NodeRegistry, RegistryError
+
+    try:
+        return NodeRegistry(url)
+    except RegistryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+
+
+def _print_nodes(nodes: list) -> None:
+    print(f"{'id':>5}  {'status':<11}  {'organisation':<20}  {'accepted':>8}  {'rejected':>8}  {'updated (UTC)':<19}  public key")
+    for node in nodes:
+        updated = node.updated_at.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{node.node_id:>5}  {node.status:<11}  {node.organisation:<20}  {node.accepted:>8}  {node.rejected:>8}  {updated:<19}  {node.public_key}")
+
+
+def _nodes_list(args: argparse.Namespace) -> int:
+    """Print the node registry as a table."""
+    registry = _open_registry(args.db)
+    if registry is None:
+        return 2
+    nodes = registry.list_nodes()
+    registry.close()
+    if not nodes:
+        print(f"No nodes registered in {registry.url}; add them with `fedseal keys init --out DIR --nodes N --db URL`.")
+        return 0
+    _print_nodes(nodes)
+    return 0
+
+
+def _nodes_revoke(args: argparse.Namespace) -> int:
+    """Revoke a node so the server rejects its updates; exit 1 if the id is unknown."""
+    from provenance.registry import UnknownNodeError
+
+    registry = _open_registry(args.db)
+    if registry is None:
+        return 2
+    try:
+        node = registry.revoke(args.node_id)
+    except UnknownNodeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        registry.close()
+    print(f"Node {node.node_id} ({node.organisation}) is revoked; the server rejects its updates from the next round on.")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    """Re-check an audit log's hash chain, then its update signatures; exit 1 and name the first bad line."""
+    from provenance.audit import verify_chain
+    from strategies.signatures import verify_audit_signatures
+
+    path = Path(args.path)
+    if path.is_dir():
+        path = path / "audit.jsonl"
+    if not path.exists():
+        print(f"error: {path} not found; pass an audit.jsonl file or its run directory.", file=sys.stderr)
+        return 2
+    result = verify_chain(path)
+    if not result.ok:
+        print(f"{path}: BROKEN at line {result.bad_line}: {result.reason}")
+        return 1
+
+    signatures = verify_audit_signatures(path)
+    if not signatures.ok:
+        print(f"{path}: BAD SIGNATURE at line {signatures.bad_line}: {signatures.reason}")
+        return 1
+    print(f"{path}: OK, {result.entries} entries, {signatures.checked} update signatures, last hash {result.last_hash}")
+    return 0
+
+
+def _models_decrypt(args: argparse.Namespace) -> int:
+    """Decrypt a run's final encrypted model with a node's secret context (run this on a site)."""
+    import torch
+
+    from clients.encrypted import flatten, unflatten
+    from crypto import ckks
+    from server.federation import ENCRYPTED_CHECKPOINT_NAME, INITIAL_MODEL_NAME
+    from server.model_store import read_batch
+
+    run_dir = Path(args.run_dir)
+    initial = torch.load(run_dir / INITIAL_MODEL_NAME)
+    drift_batch = read_batch(run_dir / ENCRYPTED_CHECKPOINT_NAME)
+    secret = ckks.read_secret_context(args.secret_dir)
+
+    base = flatten(initial)
+    state = unflatten(base + ckks.decrypt_sum(secret, drift_batch, base.size), initial)
+    torch.save(state, args.out)
+    print(f"Decrypted model written to {args.out}")
+    return 0
+
+
+def _version_index(db: str):
+    """Open the version index at a SQLAlchemy URL, or in a run folder's registry.sqlite."""
+    from provenance.versions import VersionIndex
+
+    if "://" not in db:
+        path = Path(db) / "registry.sqlite" if Path(db).is_dir() else Path(db)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found; pass a run directory or a SQLAlchemy URL with --db.")
+        db = f"sqlite:///{path.resolve()}"
+    return VersionIndex(db)
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    """Print the model versions in the index."""
+    from rich.console import Console
+    from rich.table import Table
+
+    versions = _version_index(args.db).list(args.run)
+    table = Table(title="model versions")
+    for column in ("run", "version", "parent", "round", "hash", "encrypted", "metrics", "created"):
+        table.add_column(column)
+    for v in versions:
+        metrics = ", ".join(f"{k}={val:.4f}" for k, val in sorted(v.metrics.items()) if isinstance(val, float) and k != "num-examples")
+        table.add_row(v.run_id[:12], str(v.version), str(v.parent or "-"), str(v.server_round), v.model_hash[:16], "yes" if v.encrypted else "no", metrics, v.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+    Console().print(table)
+    return 0
+
+
+def _models_export(args: argparse.Namespace) -> int:
+    """Copy one version's model file to ``--out`` after checking its hash."""
+    import shutil
+
+    import torch
+
+    from clients.encrypted import state_hash
+    from server.model_store import read_batch
+    from strategies.he_fedavg import batch_digest
+
+    try:
+        version = _version_index(args.db).get(args.version, args.run)
+    except KeyError as error:
+        print(f"error: {error.args[0]}", file=sys.stderr)
+        return 1
+    source = Path(version.path)
+    actual = batch_digest(read_batch(source)) if version.encrypted else state_hash(torch.load(source))
+    if actual != version.model_hash:
+        print(f"error: {source} does not match its recorded hash {version.model_hash}; the file was changed.", file=sys.stderr)
+        return 1
+    shutil.copyfile(source, args.out)
+    print(f"Version {version.version} (round {version.server_round}, {'encrypted' if version.encrypted else 'plaintext'}) exported to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with all subcommands."""
     parser = argparse.ArgumentParser(prog="fedseal", description="fedseal operator utilities.")
@@ -63,6 +250,53 @@ def build_parser() -> argparse.ArgumentParser:
     summary = commands.add_parser("summary", help="print the final table of a run directory")
     summary.add_argument("run_dir", help="a folder containing summary.json")
     summary.set_defaults(handler=_summary)
+
+    keys = commands.add_parser("keys", help="key material")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    init = keys_commands.add_parser("init", help="create CKKS contexts: server/ (public) and node/ (secret)")
+    init.add_argument("--out", required=True, help="folder to write the keys to")
+    init.add_argument("--preset", default="compact", choices=["compact", "tenseal_default"], help="CKKS parameter preset (default: compact)")
+    init.add_argument("--overwrite", action="store_true", help="replace existing keys (old encrypted models become unreadable)")
+    init.add_argument("--nodes", type=int, default=0, help="also create an Ed25519 signing key pair for nodes 0..N-1 and register them")
+    init.add_argument("--org", action="append", help="organisation label of the nodes: once for all, or once per node (default: site-<id>)")
+    init.add_argument("--db", help="SQLAlchemy URL of the node registry (default: sqlite in OUT/registry.sqlite)")
+    init.set_defaults(handler=_keys_init)
+
+    nodes = commands.add_parser("nodes", help="the node registry")
+    nodes_commands = nodes.add_subparsers(dest="nodes_command", required=True)
+    nodes_list = nodes_commands.add_parser("list", help="print the registered nodes")
+    nodes_list.add_argument("--db", required=True, help="SQLAlchemy URL of the node registry, e.g. sqlite:////path/registry.sqlite")
+    nodes_list.set_defaults(handler=_nodes_list)
+    revoke = nodes_commands.add_parser("revoke", help="revoke a node: the server rejects its updates")
+    revoke.add_argument("node_id", type=int, help="the node id (its partition id)")
+    revoke.add_argument("--db", required=True, help="SQLAlchemy URL of the node registry")
+    revoke.set_defaults(handler=_nodes_revoke)
+
+    audit = commands.add_parser("audit", help="audit logs")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser("verify", help="re-check the hash chain and the update signatures of an audit log")
+    verify.add_argument("path", help="audit.jsonl, or the run directory that contains it")
+    verify.set_defaults(handler=_audit_verify)
+
+    models = commands.add_parser("models", help="model versions")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    decrypt = models_commands.add_parser("decrypt", help="decrypt a run's final encrypted model (needs a node's secret context)")
+    decrypt.add_argument("run_dir", help="run directory with model_initial.pt and model_final.ckks")
+    decrypt.add_argument("--secret-dir", required=True, help="folder with the node secret context (node/ from `fedseal keys init`)")
+    decrypt.add_argument("--out", required=True, help="where to write the decrypted state_dict (.pt)")
+    decrypt.set_defaults(handler=_models_decrypt)
+
+    listing = models_commands.add_parser("list", help="list global model versions")
+    listing.add_argument("--db", required=True, help="SQLAlchemy URL of the version index, or a run directory")
+    listing.add_argument("--run", help="only this run id")
+    listing.set_defaults(handler=_models_list)
+
+    export = models_commands.add_parser("export", help="copy one model version to a file (hash-checked)")
+    export.add_argument("version", type=int, help="version number (see `fedseal models list`)")
+    export.add_argument("--db", required=True, help="SQLAlchemy URL of the version index, or a run directory")
+    export.add_argument("--run", help="run id, when the index holds several runs")
+    export.add_argument("--out", required=True, help="destination file")
+    export.set_defaults(handler=_models_export)
     return parser
 
 

@@ -6,6 +6,7 @@ for callers outside ``@hydra.main`` (the ServerApp under ``flwr run``, tests).
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from privacy import task_privacy
 from scenarios.base import PartitionSettings, TrainSettings
 from scenarios.datasets import resolve_data_root
 from scenarios.spec import TaskSpec
@@ -50,8 +52,12 @@ def overrides_from_run_config(run_config: dict[str, Any]) -> list[str]:
     return overrides
 
 
-def task_spec(cfg: DictConfig) -> TaskSpec:
-    """Build the ``TaskSpec`` sent to nodes from the composed configuration."""
+def task_spec(cfg: DictConfig, run_dir: Path | None = None) -> TaskSpec:
+    """Build the ``TaskSpec`` sent to nodes from the composed configuration.
+
+    ``run_dir`` names the run for the nodes' privacy ledgers under
+    ``privacy=dp_sgd`` (see ``privacy.task_privacy``).
+    """
     partition = cfg.scenario.partition
     root = cfg.data.root
     return TaskSpec(
@@ -75,6 +81,7 @@ def task_spec(cfg: DictConfig) -> TaskSpec:
         # find the same files.
         data_root=str(resolve_data_root(root)),
         allow_download=bool(cfg.data.download),
+        privacy=task_privacy(cfg.get("privacy"), int(cfg.rounds), run_dir),
     )
 
 
@@ -99,3 +106,11 @@ def validate_config(cfg: DictConfig) -> None:
         if not ok:
             value = OmegaConf.select(cfg, key)
             raise ValueError(f"Invalid setting {key}={value}: it must be {allowed}. Override it, e.g. `{key}=...`.")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Return the SHA-256 of the resolved configuration as sorted JSON (for the audit log)."""
+    import json
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode("utf-8")).hexdigest()

@@ -4,7 +4,8 @@ Each line of ``metrics.jsonl`` is one JSON object: one per round and phase
 for the aggregate (``scope: "global"``) and one per node (``scope: "node"``).
 Phases are ``train`` and ``evaluate`` (reported by nodes) and
 ``server_evaluate`` (the global model on the pooled test split, simulation
-only). Lines are flushed as they are written, so a crashed run keeps every
+only). Robustness events (phases ``validation``, ``attack`` and ``trust``)
+carry an ``event`` key, such as ``reply_dropped``. Lines are flushed as they are written, so a crashed run keeps every
 finished round.
 """
 
@@ -39,7 +40,7 @@ class RunLog:
         The metric shown in the progress line.
     """
 
-    def __init__(self, path: Path, num_rounds: int, primary_metric: str) -> None:
+    def __init__(self, path: Path, num_rounds: int, primary_metric: str, resume_after: int | None = None) -> None:
         self.path = path
         self.num_rounds = num_rounds
         self.primary_metric = primary_metric
@@ -48,8 +49,30 @@ class RunLog:
         self._answered = ""
         self._started = time.monotonic()
         path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_after is not None and path.exists():
+            self._keep_rounds_up_to(resume_after)
         self._file = path.open("a", encoding="utf-8")
         self._progress = _Progress(num_rounds)
+
+    def _keep_rounds_up_to(self, last_round: int) -> None:
+        """Drop records of rounds after ``last_round`` (an interrupted round) and reload the rest."""
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # A line cut short by the crash.
+            if record.get("round", 0) > last_round:
+                continue
+            kept.append(line)
+            metrics = {k: (math.nan if v is None else v) for k, v in record.get("metrics", {}).items()}
+            if record.get("phase") == "server_evaluate":
+                self.server_evaluations[record["round"]] = metrics
+            elif record.get("phase") == "evaluate" and record.get("scope") == "node":
+                if record["round"] == last_round:
+                    self.last_node_evaluation[record["node"]] = metrics
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        logger.info("Resuming %s after round %d (%d records kept)", self.path, last_round, len(kept))
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record with a timestamp."""
@@ -85,6 +108,27 @@ class RunLog:
         self.last_node_evaluation = nodes
         if server_round not in self.server_evaluations:
             self._show(server_round, aggregated.get(self.primary_metric), "node avg")
+
+    def record_event(self, phase: str, server_round: int, event: str, node: int | None = None, **fields: Any) -> None:
+        """Record one robustness event (a dropped reply, a trust score, a quarantine).
+
+        Parameters
+        ----------
+        phase : str
+            ``validation``, ``attack`` or ``trust``.
+        server_round : int
+            The round of the event.
+        event : str
+            What happened, such as ``reply_dropped`` or ``quarantined``.
+        node : int, optional
+            The partition id the event is about; None makes it a ``global`` line.
+        **fields
+            JSON-serializable details.
+        """
+        record = {"phase": phase, "round": server_round, "scope": "global" if node is None else "node", "event": event, **fields}
+        if node is not None:
+            record["node"] = node
+        self.write(record)
 
     def on_server_evaluate(self, server_round: int, metrics: dict[str, float]) -> None:
         """Record the global model's score on the pooled test split."""

@@ -46,6 +46,11 @@ def run_in_simulation(cfg: DictConfig, run_dir: Path) -> dict:
     from clients.app import app as client_app
     from server.app import make_server_app
 
+    if cfg.strategy.get("encrypted", False) and not cfg.security.keys_dir:
+        provision_simulation_keys(cfg, run_dir)
+    if cfg.provenance.signatures and not cfg.provenance.keys_dir:
+        provision_signing_keys(cfg, run_dir)
+
     logger.info("Starting Ray simulation with %d nodes", int(cfg.nodes))
     run_simulation(
         server_app=make_server_app(cfg, run_dir),
@@ -58,3 +63,32 @@ def run_in_simulation(cfg: DictConfig, run_dir: Path) -> dict:
     if not summary_path.exists():
         raise RuntimeError(f"The simulation ended without writing {summary_path}; see the errors logged above.")
     return json.loads(summary_path.read_text(encoding="utf-8"))
+
+
+def provision_simulation_keys(cfg: DictConfig, run_dir: Path) -> None:
+    """Create fresh CKKS keys in ``run_dir/keys`` and point ``security.keys_dir`` there.
+
+    This plays the key dealer's part before the ServerApp starts. The
+    ServerApp then loads ``keys/server`` (public context only); the simulated
+    nodes load ``keys/node``. A real deployment runs ``fedseal keys init``
+    and installs ``node/`` on the sites only.
+    """
+    from server.keys import init_ckks_keys
+
+    keys_dir = run_dir / "keys"
+    init_ckks_keys(keys_dir, str(cfg.security.preset))
+    cfg.security.keys_dir = str(keys_dir)
+
+
+def provision_signing_keys(cfg: DictConfig, run_dir: Path) -> None:
+    """Create a signing key per simulated node in ``run_dir/keys`` and point ``provenance.keys_dir`` there.
+
+    The public keys go to ``provenance.registry_url``, or by default to
+    ``run_dir/keys/registry.sqlite``. Keys already there are replaced, so a
+    restarted run signs with fresh keys that the registry also holds.
+    """
+    from server.keys import init_signing_keys
+
+    keys_dir = run_dir / "keys"
+    init_signing_keys(keys_dir, int(cfg.nodes), cfg.provenance.registry_url, overwrite=True)
+    cfg.provenance.keys_dir = str(keys_dir)

@@ -65,7 +65,7 @@ def print_table(summary: dict[str, Any], console: Console | None = None) -> None
         table.add_column(name, justify="right")
     rows = [("round 0", summary.get("round_0", {}).get("global")), ("federated", summary["federated"].get("global"))]
     if "centralized" in summary:
-        rows.append(("centralized", summary["centralized"]["global"]))
+        rows.append(("centralized", summary["centralized"].get("node_mean", summary["centralized"]["global"])))
         rows.append(("local-only (node mean)", summary["local_only"]["mean"]))
     for label, metrics in rows:
         if metrics:

@@ -4,22 +4,92 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from privacy import UNIFORM_WEIGHT_KEY, is_central
+from strategies.attack_simulation import MODEL_POISONING, AttackSimulation, AttackSettings, attack_spec
 from strategies.recording import RecordingStrategy, RoundSink, aggregate_finite_metrics
+from strategies.robust import ROBUST_BUILDERS
+from strategies.trust import build_trust
+from strategies.validation import UpdateValidation
 
 logger = logging.getLogger(__name__)
 
 
-def _fedavg(strategy_cfg: Any, sampling: dict[str, Any]) -> Strategy:
+@dataclass
+class RunResources:
+    """What strategies may need besides their settings.
+
+    Parameters
+    ----------
+    task : ConfigRecord
+        The task spec record that every message carries.
+    run_dir : Path
+        The run's output folder.
+    audit : object, optional
+        The run's audit log (``append(event, **fields)``).
+    public_context : object, optional
+        The CKKS public context, for encrypted strategies.
+    num_parameters : int
+        Length of the flattened model.
+    initial_hash : str
+        Hash of the public initial model (encrypted strategies).
+    run_id : str
+        Stable id of the run (kept across restarts).
+    versions : provenance.versions.VersionIndex, optional
+        Database index of model versions.
+    round_offset, start_version, start_hash
+        Where a resumed run continues: last committed round, its version and model hash.
+    extra : dict
+        Settings of optional layers, by name.
+    """
+
+    task: ConfigRecord
+    run_dir: Path
+    audit: Any = None
+    public_context: Any = None
+    num_parameters: int = 0
+    initial_hash: str = ""
+    run_id: str = ""
+    versions: Any = None
+    round_offset: int = 0
+    start_version: int = 0
+    start_hash: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fedavg(strategy_cfg: Any, sampling: dict[str, Any], resources: RunResources) -> Strategy:
     return FedAvg(**sampling)
 
 
-# Strategy name -> builder(strategy config, FedAvg sampling keywords).
-BUILDERS: dict[str, Callable[[Any, dict[str, Any]], Strategy]] = {
+def _he_fedavg(strategy_cfg: Any, sampling: dict[str, Any], resources: RunResources) -> Strategy:
+    from server.model_store import EncryptedVersionStore
+    from strategies.he_fedavg import EncryptedFedAvg
+
+    if resources.public_context is None:
+        raise ValueError("strategy=he_fedavg needs a CKKS public context; set security.keys_dir to a folder from `fedseal keys init`.")
+    return EncryptedFedAvg(
+        public_context=resources.public_context,
+        num_parameters=resources.num_parameters,
+        initial_hash=resources.initial_hash,
+        task=resources.task,
+        audit=resources.audit,
+        versions=EncryptedVersionStore(resources.run_dir / "models"),
+        **sampling,
+    )
+
+
+# Strategy name -> builder(strategy config, FedAvg sampling keywords, run resources).
+BUILDERS: dict[str, Callable[[Any, dict[str, Any], RunResources], Strategy]] = {
     "fedavg": _fedavg,
+    "he_fedavg": _he_fedavg,
+    **ROBUST_BUILDERS,
+    "trust": build_trust,
 }
 
 
@@ -30,7 +100,7 @@ def sampling_settings(cfg: Any) -> dict[str, Any]:
     with part of the federation missing.
     """
     nodes = int(cfg.nodes)
-    return {
+    settings = {
         "fraction_train": float(cfg.train.fraction),
         "fraction_evaluate": float(cfg.evaluate.fraction),
         "min_train_nodes": max(1, min(nodes, round(cfg.train.fraction * nodes))),
@@ -39,9 +109,13 @@ def sampling_settings(cfg: Any) -> dict[str, Any]:
         "train_metrics_aggr_fn": aggregate_finite_metrics,
         "evaluate_metrics_aggr_fn": aggregate_finite_metrics,
     }
+    if is_central(cfg.get("privacy")):
+        # Central-DP noise is calibrated for an unweighted mean of the updates.
+        settings["weighted_by_key"] = UNIFORM_WEIGHT_KEY
+    return settings
 
 
-def build_strategy(cfg: Any, sink: RoundSink) -> Strategy:
+def build_strategy(cfg: Any, sink: RoundSink, resources: RunResources | None = None) -> Strategy:
     """Assemble the strategy stack for ``cfg``, outermost wrapper last.
 
     Raises
@@ -53,5 +127,77 @@ def build_strategy(cfg: Any, sink: RoundSink) -> Strategy:
     if name not in BUILDERS:
         raise ValueError(f"Unknown strategy {name!r}. Valid strategies: {', '.join(sorted(BUILDERS))}.")
 
-    strategy = BUILDERS[name](cfg.strategy, sampling_settings(cfg))
-    return RecordingStrategy(strategy, sink)
+    sampling = sampling_settings(cfg)
+    strategy = BUILDERS[name](cfg.strategy, sampling, resources)
+    strategy = wrap_robustness(cfg, strategy, sink, resources)
+    # Central DP noises the aggregate before any outer layer (canary nodes
+    # included) sees it; DP-SGD only records what the nodes report.
+    from privacy.recording import wrap_privacy
+
+    strategy = wrap_privacy(cfg, strategy, sampling["min_train_nodes"], sink, resources.audit if resources is not None else None)
+    if resources is not None and cfg.get("canary") is not None and cfg.canary.enabled:
+        from strategies.canary import CanaryPromotion
+
+        strategy = CanaryPromotion(
+            strategy,
+            task=resources.task,
+            metric=str(cfg.scenario.primary_metric),
+            fraction=float(cfg.canary.fraction),
+            tolerance=float(cfg.canary.tolerance),
+            seed=int(cfg.seed),
+            audit=resources.audit,
+            flag_contributors=bool(cfg.canary.flag_contributors),
+        )
+    # Signature checks wrap every other layer, so no layer receives an unproven update.
+    from strategies.signatures import signatures_enabled, wrap_with_signatures
+
+    if signatures_enabled(cfg):
+        strategy = wrap_with_signatures(strategy, resources)
+    strategy = RecordingStrategy(strategy, sink)
+    if resources is None:
+        return strategy
+
+    from strategies.checkpointing import RunCheckpoint
+
+    return RunCheckpoint(
+        strategy,
+        run_dir=resources.run_dir,
+        run_id=resources.run_id,
+        versions=resources.versions,
+        audit=resources.audit,
+        round_offset=resources.round_offset,
+        start_version=resources.start_version,
+        start_hash=resources.start_hash,
+    )
+
+
+def wrap_robustness(cfg: Any, strategy: Strategy, sink: RoundSink, resources: RunResources | None) -> Strategy:
+    """Wrap a plaintext rule as ``AttackSimulation(UpdateValidation(rule))``; leave encrypted ones alone.
+
+    Raises
+    ------
+    ValueError
+        If a model-poisoning attack is set with an encrypted strategy, whose
+        updates the server cannot read or replace.
+    """
+    attack = AttackSettings.from_config(cfg.get("attack"))
+    if cfg.strategy.get("encrypted", False):
+        if attack.name in MODEL_POISONING:
+            raise ValueError(f"attack={attack.name} crafts plaintext updates on the server, but strategy={cfg.strategy.name} encrypts them. Use attack=label_flip or attack=none, or a plaintext strategy.")
+        return strategy
+
+    audit = resources.audit if resources is not None else None
+    validation = cfg.get("validation") or {}
+    strategy = UpdateValidation(strategy, max_norm_ratio=validation.get("max_norm_ratio", 10.0), sink=sink, audit=audit)
+
+    spec = attack_spec(attack, int(cfg.nodes))
+    if spec is not None and attack.name in MODEL_POISONING:
+        strategy = AttackSimulation(strategy, attack, spec["attackers"], sink=sink)
+    return strategy
+
+
+def innermost(strategy: Strategy) -> Strategy:
+    """Return the strategy at the core of a stack of wrappers (each keeps it as ``.strategy``)."""
+    while hasattr(strategy, "strategy"):
+        strategy = strategy.strategy
+    return strategy

@@ -12,6 +12,17 @@ from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
 
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Give Flower's message constructors the run and task ids a ServerApp process would have."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+    yield
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The real datasets folder from FEDSEAL_DATA_DIR; tests that need data skip without it."""

@@ -135,3 +135,38 @@ def test_head_file_tracks_end(tmp_path: Path) -> None:
     head = json.loads(head_path(path).read_text())
 
     assert head == {"entries": 2, "last_hash": log.last_hash}
+
+
+def test_recover_sets_aside_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    _log_with(path, 3)
+    full = path.read_bytes()
+    path.write_bytes(full + b'{"seq":4,"event":"upd')
+
+    log = AuditLog(path, recover=True)
+    entry = log.append("run_resume", round=2)
+
+    assert entry["seq"] == 4
+    assert verify_chain(path).ok
+    assert (tmp_path / "audit.jsonl.torn").read_bytes() == b'{"seq":4,"event":"upd\n'
+
+
+def test_recover_keeps_edit_detection(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    _log_with(path, 3)
+    path.write_bytes(path.read_bytes().replace(b'"node":1', b'"node":5'))
+
+    with pytest.raises(AuditChainError, match="line 2"):
+        AuditLog(path, recover=True)
+
+
+def test_recover_resyncs_stale_head(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = _log_with(path, 2)
+    stale = head_path(path).read_text()
+    log.append("update_accepted", node=9)
+    head_path(path).write_text(stale)
+
+    AuditLog(path, recover=True)
+
+    assert verify_chain(path).ok

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 
 from scenarios.spec import TaskSpec
 from server.config import compose_config, overrides_from_run_config, task_spec, validate_config
-from strategies import build_strategy
+from strategies.factory import build_strategy
 
 
 def test_compose_defaults() -> None:

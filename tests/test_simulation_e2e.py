@@ -81,3 +81,24 @@ def test_multirun_two_scenarios(tmp_path: Path, data_root: Path) -> None:
     summaries = sorted(tmp_path.glob("*/summary.json"))
     assert len(summaries) == 2
     assert sorted(json.loads(p.read_text())["scenario"] for p in summaries) == ["fraud", "maintenance"]
+
+
+def test_encrypted_matches_plaintext(tmp_path: Path, data_root: Path) -> None:
+    common = ("scenario=fraud", "baselines=false", "evaluate.server_side=false")
+    plain = _run(tmp_path / "plain", data_root, *common, "strategy=fedavg")
+    encrypted = _run(tmp_path / "he", data_root, *common, "strategy=he_fedavg")
+
+    for metric, value in plain["federated"]["global"].items():
+        assert abs(encrypted["federated"]["global"][metric] - value) <= 1e-4, metric
+    assert encrypted["checkpoint"] == "model_final.ckks"
+
+    from clients.encrypted import flatten
+    from crypto import ckks
+    from server.model_store import read_batch
+
+    secret = ckks.read_secret_context(tmp_path / "he" / "keys" / "node")
+    initial = torch.load(tmp_path / "he" / "model_initial.pt")
+    drift = ckks.decrypt_sum(secret, read_batch(tmp_path / "he" / "model_final.ckks"), flatten(initial).size)
+    decrypted = flatten(initial) + drift
+    reference = flatten(torch.load(tmp_path / "plain" / "model_final.pt"))
+    assert float(abs(decrypted - reference).max()) <= 1e-5

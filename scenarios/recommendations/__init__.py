@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,6 +159,49 @@ class RecommendationsScenario(Scenario):
         """
         loss = train_model(model, data.train, settings, self.num_negatives, self.weight_decay)
         return {"train_loss": loss}
+
+    def flip_labels(self, data: NodeData) -> NodeData:
+        """Return a copy of ``data`` with poisoned training ratings, for the ``label_flip`` attack.
+
+        Each rating ``r`` becomes ``6 - r``. Every training row also counts as
+        a liked (rated) item for the implicit head. So that the implicit head
+        learns the same flipped preferences, the rows that were liked (4 or 5
+        stars, now 1 or 2) are removed from the training rows and their
+        history. The implicit head then treats those items as unrated and may
+        draw them as negatives, while the items that were disliked become
+        liked. Validation and test splits are unchanged.
+        """
+        train: InteractionSplit = data.train
+        kept = train.ratings <= 3
+        flipped = InteractionSplit(
+            users=train.users[kept],
+            items=train.items[kept],
+            ratings=(6.0 - train.ratings[kept]).astype(train.ratings.dtype),
+            timestamps=train.timestamps[kept],
+            history_users=train.users[kept],
+            history_items=train.items[kept],
+            negatives=train.negatives[kept],
+        )
+        return NodeData(node=data.node, train=flipped, val=data.val, test=data.test, info={**data.info, "labels_flipped": True})
+
+    def training_dataset(self, data: NodeData) -> torch.utils.data.Dataset:
+        """Return the node's training ratings grouped by user: DP-SGD protects whole users.
+
+        See ``scenarios.recommendations.private`` for why the unit is a user, not a rating.
+        """
+        from scenarios.recommendations.private import UserRatingsDataset
+
+        return UserRatingsDataset(data.train)
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...], generator: torch.Generator) -> torch.Tensor:
+        """Return the mean over the batch's users of their rating and implicit-feedback loss."""
+        from scenarios.recommendations.private import user_level_loss
+
+        return user_level_loss(model, batch, self.num_negatives, generator)
+
+    def optimizer(self, parameters: Any, lr: float) -> torch.optim.Optimizer:
+        """Return AdamW with the scenario's weight decay, as ``fit`` uses."""
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=self.weight_decay)
 
     def evaluate(self, model: torch.nn.Module, data: NodeData, split: str = "test") -> dict[str, float]:
         """Return ``hr_at_10``, ``ndcg_at_10`` and ``rmse`` on ``data.val`` or ``data.test``.

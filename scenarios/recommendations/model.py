@@ -88,6 +88,24 @@ class ItemFactorizationModel(nn.Module):
             dot = (user_vectors * item_vectors).sum(dim=-1)
         return dot + self.implicit_bias(items).squeeze(-1)
 
+    def forward(
+        self, bag_items: torch.Tensor, bag_offsets: torch.Tensor, items: torch.Tensor, candidates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the predicted ratings of ``items`` and the implicit logits of ``candidates`` for each bag's user.
+
+        ``items`` and ``candidates`` have the batch of bags as their first
+        dimension and any further dimensions; each result has the shape of its
+        input. The private training loop calls this method so that Opacus
+        sees one forward pass per batch of users (``scenarios.recommendations.private``).
+        """
+        user_vectors = self.user_vectors(bag_items, bag_offsets)
+        batch = user_vectors.shape[0]
+        ratings = self.predict_ratings(user_vectors.reshape(batch, *([1] * (items.dim() - 1)), -1), items)
+
+        per_candidate = user_vectors.reshape(batch, *([1] * (candidates.dim() - 1)), -1)
+        dot = (per_candidate * self.implicit_embedding(candidates)).sum(dim=-1)
+        return ratings, dot + self.implicit_bias(candidates).squeeze(-1)
+
 
 def train_model(
     model: ItemFactorizationModel,
