@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = models_commands.add_parser("export", help="copy one model version to a file (hash-checked)")
     export.add_argument("version", type=int, help="version number (see `fedseal models list`)")
     export.add_argument("--db", required=True, help="SQLAlchemy URL of the version index, or a run directory")
-    export.add_argument("--run", help="run id, when the index holds several runs")
+    export.add_argument("--run", help="run id, when the index contains several runs")
     export.add_argument("--out", required=True, help="destination file")
     export.set_defaults(handler=_models_export)
     return parser
