@@ -68,7 +68,7 @@ class ReputationSettings:
 
 
 @dataclass
-class Standing:
+class NodeStanding:
     """One node's reputation and quarantine state.
 
     Attributes
@@ -103,7 +103,7 @@ class ReputationBook:
     """
 
     settings: ReputationSettings = field(default_factory=ReputationSettings)
-    standings: dict[int, Standing] = field(default_factory=dict)
+    standings: dict[int, NodeStanding] = field(default_factory=dict)
 
     def is_quarantined(self, partition_id: int, server_round: int) -> bool:
         """Return whether ``partition_id`` must be left out of ``server_round``."""
@@ -138,7 +138,7 @@ class ReputationBook:
         """
         settings = self.settings
         for partition_id, score in scores.items():
-            standing = self.standings.setdefault(partition_id, Standing(reputation=settings.initial))
+            standing = self.standings.setdefault(partition_id, NodeStanding(reputation=settings.initial))
             standing.reputation = settings.decay * standing.reputation + (1.0 - settings.decay) * float(score)
         if not scores:
             return []
@@ -173,4 +173,4 @@ class ReputationBook:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned; the settings in ``state`` replace the current ones."""
         self.settings = ReputationSettings(**state["settings"])
-        self.standings = {int(partition_id): Standing(**standing) for partition_id, standing in state["standings"].items()}
+        self.standings = {int(partition_id): NodeStanding(**standing) for partition_id, standing in state["standings"].items()}

@@ -179,13 +179,13 @@ class UpdateValidation(Strategy):
             return replies
 
         limit = self.max_norm_ratio * median
-        kept = []
+        within_limit = []
         for reply, norm in zip(replies, norms):
             if norm > limit:
                 self._drop(server_round, reply, f"update norm {norm:.4g} exceeds {self.max_norm_ratio:g} x the median norm {median:.4g}")
             else:
-                kept.append(reply)
-        return kept
+                within_limit.append(reply)
+        return within_limit
 
     def _drop(self, server_round: int, reply: Message, reason: str) -> None:
         logger.warning("Round %d: dropped the reply of %s: %s", server_round, node_label(reply), reason)
@@ -205,14 +205,14 @@ class UpdateValidation(Strategy):
         replies = list(replies)
         valid = [reply for reply in replies if not reply.has_error()]
         expected_keys = _common_metric_keys(valid)
-        kept = [reply for reply in replies if reply.has_error()]
+        forwarded = [reply for reply in replies if reply.has_error()]
         for reply in valid:
             reason = metric_problem(reply, expected_keys)
             if reason:
                 logger.warning("Round %d: dropped the evaluate reply of %s: %s", server_round, node_label(reply), reason)
                 report_event(self.sink, None, "validation", server_round, "evaluate_reply_dropped", node_id=int(reply.metadata.src_node_id), node=partition_of(reply), reason=reason)
             else:
-                kept.append(reply)
-        if not any(not reply.has_error() for reply in kept):
+                forwarded.append(reply)
+        if not any(not reply.has_error() for reply in forwarded):
             return None
-        return self.strategy.aggregate_evaluate(server_round, kept)
+        return self.strategy.aggregate_evaluate(server_round, forwarded)

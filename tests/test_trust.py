@@ -178,10 +178,22 @@ def test_reputation_settings_reject_bad_patience() -> None:
         ReputationSettings(patience=0)
 
 
-def test_matching_epochs_follow_median_node() -> None:
-    # Nodes take 4, 8 and 12 steps at batch 256; 200 root rows take 1 step per epoch.
-    assert matching_epochs([1000.0, 2000.0, 3000.0], node_epochs=1, batch_size=256, root_examples=200) == 8
+def test_matching_epochs_weight_by_examples() -> None:
+    # Nodes take 4, 8 and 12 steps at batch 256, weighted 1:2:3 the mean is
+    # 56 / 6 = 9.33 steps; 200 root rows take 1 step per epoch.
+    assert matching_epochs([1000.0, 2000.0, 3000.0], node_epochs=1, batch_size=256, root_examples=200) == 9
+    # One node with 100 examples and 2 epochs takes 4 steps; the root set takes 4 per epoch.
     assert matching_epochs([100.0], node_epochs=2, batch_size=64, root_examples=200) == 1
+
+
+def test_matching_epochs_cap_overstated_examples() -> None:
+    honest = [1000.0] * 4
+    # 1e9 claimed examples count as 3 x the median 1000 = 3000 (12 steps):
+    # (4 x 1000 x 4 + 3000 x 12) / 7000 = 7.4 steps instead of 4.
+    capped = matching_epochs([*honest, 1e9], node_epochs=1, batch_size=256, root_examples=200)
+
+    assert capped == 7
+    assert matching_epochs(honest, node_epochs=1, batch_size=256, root_examples=200) == 4
 
 
 def test_holdout_rows_in_no_node() -> None:
