@@ -29,11 +29,27 @@ from flwr.serverapp.strategy import Strategy
 
 from strategies import attacks
 from strategies.recording import partition_of
-from strategies.updates import arrays_from_update, flat_update, replace_arrays, reply_arrays, report_event, to_numpy
+from strategies.updates import (
+    arrays_from_update,
+    flat_update,
+    replace_arrays,
+    reply_arrays,
+    report_event,
+    to_numpy,
+)
 
 logger = logging.getLogger(__name__)
 
-ATTACKS = ("none", "sign_flip", "gaussian", "scaling", "label_flip", "alie", "ipm", "min_max")
+ATTACKS = (
+    "none",
+    "sign_flip",
+    "gaussian",
+    "scaling",
+    "label_flip",
+    "alie",
+    "ipm",
+    "min_max",
+)
 # Attacks crafted on the server from the replies of the round.
 MODEL_POISONING = ("sign_flip", "gaussian", "scaling", "alie", "ipm", "min_max")
 # Attacks that read the honest updates of the round (the strong threat model).
@@ -72,18 +88,28 @@ class AttackSettings:
 
     def __post_init__(self) -> None:
         if self.name not in ATTACKS:
-            raise ValueError(f"Unknown attack {self.name!r}. Valid attacks: {', '.join(ATTACKS)}.")
+            raise ValueError(
+                f"Unknown attack {self.name!r}. Valid attacks: {', '.join(ATTACKS)}."
+            )
         if not 0.0 <= self.fraction < 1.0:
-            raise ValueError(f"Invalid setting attack.fraction={self.fraction}: it must be in [0, 1).")
+            raise ValueError(
+                f"Invalid setting attack.fraction={self.fraction}: it must be in [0, 1)."
+            )
         if self.direction not in attacks.MIN_MAX_DIRECTIONS:
-            raise ValueError(f"Invalid setting attack.direction={self.direction!r}: use one of {attacks.MIN_MAX_DIRECTIONS}.")
+            raise ValueError(
+                f"Invalid setting attack.direction={self.direction!r}: use one of {attacks.MIN_MAX_DIRECTIONS}."
+            )
 
     @classmethod
     def from_config(cls, attack_cfg: Any) -> AttackSettings:
         """Build the settings from the Hydra ``attack`` node; missing keys take the defaults."""
         if attack_cfg is None:
             return cls()
-        fields = {key: attack_cfg[key] for key in cls.__dataclass_fields__ if key in attack_cfg}
+        fields = {
+            key: attack_cfg[key]
+            for key in cls.__dataclass_fields__
+            if key in attack_cfg
+        }
         return cls(**fields)
 
 
@@ -95,18 +121,25 @@ def choose_attackers(num_nodes: int, fraction: float, seed: int) -> list[int]:
     ValueError
         If the count would leave no honest node.
     """
-    count = int(round(fraction * num_nodes))
+    count = round(fraction * num_nodes)
     if count >= num_nodes:
-        raise ValueError(f"attack.fraction={fraction} makes all {num_nodes} nodes attackers; lower attack.fraction.")
+        raise ValueError(
+            f"attack.fraction={fraction} makes all {num_nodes} nodes attackers; lower attack.fraction."
+        )
     rng = np.random.default_rng([seed, num_nodes])
-    return sorted(int(node) for node in rng.choice(num_nodes, size=count, replace=False))
+    return sorted(
+        int(node) for node in rng.choice(num_nodes, size=count, replace=False)
+    )
 
 
 def attack_spec(settings: AttackSettings, num_nodes: int) -> dict[str, Any] | None:
     """Return the ``TaskSpec.attack`` entry: the settings plus the attacker ids, or None without an attack."""
     if settings.name == "none":
         return None
-    return {**asdict(settings), "attackers": choose_attackers(num_nodes, settings.fraction, settings.seed)}
+    return {
+        **asdict(settings),
+        "attackers": choose_attackers(num_nodes, settings.fraction, settings.seed),
+    }
 
 
 class AttackSimulation(Strategy):
@@ -124,7 +157,13 @@ class AttackSimulation(Strategy):
         The run log, for one ``attack`` event per round.
     """
 
-    def __init__(self, strategy: Strategy, settings: AttackSettings, attackers: list[int], sink: Any = None) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        settings: AttackSettings,
+        attackers: list[int],
+        sink: Any = None,
+    ) -> None:
         self.strategy = strategy
         self.settings = settings
         self.attackers = set(attackers)
@@ -136,15 +175,23 @@ class AttackSimulation(Strategy):
 
     def summary(self) -> None:
         """Log the attack, then the inner strategy's settings."""
-        logger.info("\t├──> AttackSimulation: %s by partitions %s", self.settings.name, sorted(self.attackers))
+        logger.info(
+            "\t├──> AttackSimulation: %s by partitions %s",
+            self.settings.name,
+            sorted(self.attackers),
+        )
         self.strategy.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Remember the global arrays of the round, then delegate."""
         self._global = to_numpy(arrays)
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Replace the attackers' replies, then let the inner strategy aggregate."""
         replies = list(replies)
         if self.settings.name in MODEL_POISONING:
@@ -152,47 +199,99 @@ class AttackSimulation(Strategy):
         return self.strategy.aggregate_train(server_round, replies)
 
     def _poison(self, server_round: int, replies: list[Message]) -> None:
-        usable = [reply for reply in replies if not reply.has_error() and reply.content.array_records]
+        usable = [
+            reply
+            for reply in replies
+            if not reply.has_error() and reply.content.array_records
+        ]
         malicious = [reply for reply in usable if partition_of(reply) in self.attackers]
         if not malicious:
             return
 
-        honest = [reply for reply in usable if partition_of(reply) not in self.attackers]
+        honest = [
+            reply for reply in usable if partition_of(reply) not in self.attackers
+        ]
         # Without an honest reply, the attackers fall back on their own honestly trained updates.
-        known = np.stack([flat_update(reply_arrays(reply), self._global) for reply in (honest or malicious)])
+        known = np.stack(
+            [
+                flat_update(reply_arrays(reply), self._global)
+                for reply in (honest or malicious)
+            ]
+        )
 
         norms = []
         for reply in malicious:
             own = flat_update(reply_arrays(reply), self._global)
-            update = self._craft(server_round, partition_of(reply), own, known, len(usable), len(malicious))
+            update = self._craft(
+                server_round,
+                partition_of(reply),
+                own,
+                known,
+                len(usable),
+                len(malicious),
+            )
             replace_arrays(reply, arrays_from_update(update, self._global))
             norms.append(float(np.linalg.norm(update)))
 
         partitions = [partition_of(reply) for reply in malicious]
-        logger.info("Round %d: %s updates sent by partitions %s (norms %s)", server_round, self.settings.name, partitions, [round(n, 4) for n in norms])
-        report_event(self.sink, None, "attack", server_round, "updates_replaced", attack=self.settings.name, partitions=partitions, norms=norms)
+        logger.info(
+            "Round %d: %s updates sent by partitions %s (norms %s)",
+            server_round,
+            self.settings.name,
+            partitions,
+            [round(n, 4) for n in norms],
+        )
+        report_event(
+            self.sink,
+            None,
+            "attack",
+            server_round,
+            "updates_replaced",
+            attack=self.settings.name,
+            partitions=partitions,
+            norms=norms,
+        )
 
-    def _craft(self, server_round: int, partition_id: int, own: np.ndarray, known: np.ndarray, num_nodes: int, num_malicious: int) -> np.ndarray:
+    def _craft(
+        self,
+        server_round: int,
+        partition_id: int,
+        own: np.ndarray,
+        known: np.ndarray,
+        num_nodes: int,
+        num_malicious: int,
+    ) -> np.ndarray:
         name = self.settings.name
         if name == "sign_flip":
             return attacks.sign_flip(own, self.settings.scale)
         if name == "scaling":
             return attacks.scaling(own, self.settings.boost)
         if name == "gaussian":
-            rng = np.random.default_rng([self.settings.seed, server_round, partition_id])
+            rng = np.random.default_rng(
+                [self.settings.seed, server_round, partition_id]
+            )
             return attacks.gaussian(known, rng)
         if name == "alie":
             return attacks.alie(known, num_nodes, num_malicious)
         if name == "ipm":
             return attacks.ipm(known, self.settings.epsilon)
         update, gamma = attacks.min_max(known, self.settings.direction)
-        logger.debug("Round %d: Min-Max gamma %.6g for partition %d", server_round, gamma, partition_id)
+        logger.debug(
+            "Round %d: Min-Max gamma %.6g for partition %d",
+            server_round,
+            gamma,
+            partition_id,
+        )
         return update
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Delegate to the inner strategy."""
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Delegate to the inner strategy."""
         return self.strategy.aggregate_evaluate(server_round, replies)

@@ -29,7 +29,9 @@ MIN_MAX_DIRECTIONS = ("std", "unit_mean")
 def _as_matrix(honest: np.ndarray) -> np.ndarray:
     matrix = np.asarray(honest, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] == 0:
-        raise ValueError(f"honest updates must be a non-empty (k, d) matrix, got shape {matrix.shape}")
+        raise ValueError(
+            f"honest updates must be a non-empty (k, d) matrix, got shape {matrix.shape}"
+        )
     return matrix
 
 
@@ -44,7 +46,9 @@ def sign_flip(update: np.ndarray, scale: float = 1.0) -> np.ndarray:
         Factor applied after the sign flip; must be positive.
     """
     if scale <= 0:
-        raise ValueError(f"sign_flip scale must be > 0, got {scale}; set attack.scale to a positive number")
+        raise ValueError(
+            f"sign_flip scale must be > 0, got {scale}; set attack.scale to a positive number"
+        )
     return -scale * np.asarray(update, dtype=np.float64)
 
 
@@ -59,7 +63,9 @@ def scaling(update: np.ndarray, boost: float) -> np.ndarray:
         Multiplier; must be positive.
     """
     if boost <= 0:
-        raise ValueError(f"scaling boost must be > 0, got {boost}; set attack.boost to a positive number")
+        raise ValueError(
+            f"scaling boost must be > 0, got {boost}; set attack.boost to a positive number"
+        )
     return boost * np.asarray(update, dtype=np.float64)
 
 
@@ -96,7 +102,9 @@ def alie_z(num_nodes: int, num_malicious: int) -> float:
         If ``f`` is not in ``1 .. n - 1``.
     """
     if not 0 < num_malicious < num_nodes:
-        raise ValueError(f"ALIE needs 0 < f < n malicious nodes, got f={num_malicious}, n={num_nodes}")
+        raise ValueError(
+            f"ALIE needs 0 < f < n malicious nodes, got f={num_malicious}, n={num_nodes}"
+        )
 
     supporters = math.floor(num_nodes / 2 + 1) - num_malicious
     quantile = (num_nodes - supporters) / num_nodes
@@ -140,7 +148,9 @@ def ipm(honest: np.ndarray, epsilon: float) -> np.ndarray:
         Positive scale of the reversed mean.
     """
     if epsilon <= 0:
-        raise ValueError(f"ipm epsilon must be > 0, got {epsilon}; set attack.epsilon to a positive number")
+        raise ValueError(
+            f"ipm epsilon must be > 0, got {epsilon}; set attack.epsilon to a positive number"
+        )
     return -epsilon * _as_matrix(honest).mean(axis=0)
 
 
@@ -153,7 +163,9 @@ def min_max_direction(honest: np.ndarray, direction: str) -> np.ndarray:
         mean = matrix.mean(axis=0)
         norm = float(np.linalg.norm(mean))
         return -mean / norm if norm > 0 else np.zeros_like(mean)
-    raise ValueError(f"unknown Min-Max direction {direction!r}; set attack.direction to one of {MIN_MAX_DIRECTIONS}")
+    raise ValueError(
+        f"unknown Min-Max direction {direction!r}; set attack.direction to one of {MIN_MAX_DIRECTIONS}"
+    )
 
 
 def _max_distance_to(point: np.ndarray, matrix: np.ndarray) -> float:

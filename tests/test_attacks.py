@@ -6,13 +6,18 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
+from conftest import make_reply
 from flwr.app import Array, ArrayRecord
 
 from clients.local import is_label_flipper
-from conftest import make_reply
 from scenarios.spec import TaskSpec
 from strategies import attacks
-from strategies.attack_simulation import AttackSettings, AttackSimulation, attack_spec, choose_attackers
+from strategies.attack_simulation import (
+    AttackSettings,
+    AttackSimulation,
+    attack_spec,
+    choose_attackers,
+)
 from strategies.updates import reply_arrays
 
 
@@ -46,7 +51,9 @@ def test_sign_flip_rejects_nonpositive_scale() -> None:
 
 
 def test_scaling_boosts_update() -> None:
-    np.testing.assert_allclose(attacks.scaling(np.array([0.5, -1.0]), boost=4.0), [2.0, -4.0])
+    np.testing.assert_allclose(
+        attacks.scaling(np.array([0.5, -1.0]), boost=4.0), [2.0, -4.0]
+    )
 
 
 def test_gaussian_has_mean_honest_norm() -> None:
@@ -57,7 +64,9 @@ def test_gaussian_has_mean_honest_norm() -> None:
 
     assert np.linalg.norm(first) == pytest.approx(4.0)
     np.testing.assert_array_equal(first, again)
-    assert abs(first @ honest.mean(axis=0)) < 0.999 * np.linalg.norm(first) * np.linalg.norm(honest.mean(axis=0))
+    assert abs(first @ honest.mean(axis=0)) < 0.999 * np.linalg.norm(
+        first
+    ) * np.linalg.norm(honest.mean(axis=0))
 
 
 def test_alie_z_matches_formula() -> None:
@@ -139,7 +148,9 @@ def test_attack_settings_reject_unknown_name() -> None:
 
 
 def test_attack_spec_names_attackers() -> None:
-    spec = attack_spec(AttackSettings(name="label_flip", fraction=0.2, seed=5), num_nodes=10)
+    spec = attack_spec(
+        AttackSettings(name="label_flip", fraction=0.2, seed=5), num_nodes=10
+    )
 
     assert spec["name"] == "label_flip"
     assert spec["attackers"] == choose_attackers(10, 0.2, 5)
@@ -156,7 +167,12 @@ def test_label_flipper_read_from_spec() -> None:
 
 def _round(global_value: np.ndarray, updates: dict[int, np.ndarray]):
     replies = [
-        make_reply(100 + pid, ArrayRecord({"w": Array((global_value + update).astype(np.float32))}), {"num-examples": 10.0}, pid)
+        make_reply(
+            100 + pid,
+            ArrayRecord({"w": Array((global_value + update).astype(np.float32))}),
+            {"num-examples": 10.0},
+            pid,
+        )
         for pid, update in updates.items()
     ]
     return ArrayRecord({"w": Array(global_value.astype(np.float32))}), replies
@@ -164,25 +180,37 @@ def _round(global_value: np.ndarray, updates: dict[int, np.ndarray]):
 
 def test_simulation_replaces_attacker_with_ipm() -> None:
     global_value = np.array([1.0, 1.0])
-    updates = {0: np.array([1.0, 0.0]), 1: np.array([3.0, 2.0]), 2: np.array([5.0, 5.0])}
+    updates = {
+        0: np.array([1.0, 0.0]),
+        1: np.array([3.0, 2.0]),
+        2: np.array([5.0, 5.0]),
+    }
     global_arrays, replies = _round(global_value, updates)
     inner = CapturingStrategy()
-    wrapper = AttackSimulation(inner, AttackSettings(name="ipm", fraction=0.3, epsilon=0.5), attackers=[2])
+    wrapper = AttackSimulation(
+        inner, AttackSettings(name="ipm", fraction=0.3, epsilon=0.5), attackers=[2]
+    )
 
     wrapper.configure_train(1, global_arrays, None, None)
     wrapper.aggregate_train(1, replies)
 
     # Honest mean update (2, 1), reversed and halved.
     crafted = reply_arrays(inner.replies[2])["w"]
-    np.testing.assert_allclose(crafted, global_value + np.array([-1.0, -0.5]), rtol=1e-6)
+    np.testing.assert_allclose(
+        crafted, global_value + np.array([-1.0, -0.5]), rtol=1e-6
+    )
     np.testing.assert_allclose(reply_arrays(inner.replies[0])["w"], [2.0, 1.0])
 
 
 def test_simulation_flips_own_update() -> None:
     global_value = np.zeros(2)
-    global_arrays, replies = _round(global_value, {0: np.array([1.0, 1.0]), 1: np.array([0.5, -2.0])})
+    global_arrays, replies = _round(
+        global_value, {0: np.array([1.0, 1.0]), 1: np.array([0.5, -2.0])}
+    )
     inner = CapturingStrategy()
-    wrapper = AttackSimulation(inner, AttackSettings(name="sign_flip", fraction=0.5, scale=3.0), attackers=[1])
+    wrapper = AttackSimulation(
+        inner, AttackSettings(name="sign_flip", fraction=0.5, scale=3.0), attackers=[1]
+    )
 
     wrapper.configure_train(1, global_arrays, None, None)
     wrapper.aggregate_train(1, replies)
@@ -192,9 +220,13 @@ def test_simulation_flips_own_update() -> None:
 
 def test_simulation_leaves_label_flip_replies() -> None:
     global_value = np.zeros(2)
-    global_arrays, replies = _round(global_value, {0: np.array([1.0, 1.0]), 1: np.array([0.5, -2.0])})
+    global_arrays, replies = _round(
+        global_value, {0: np.array([1.0, 1.0]), 1: np.array([0.5, -2.0])}
+    )
     inner = CapturingStrategy()
-    wrapper = AttackSimulation(inner, AttackSettings(name="label_flip", fraction=0.5), attackers=[1])
+    wrapper = AttackSimulation(
+        inner, AttackSettings(name="label_flip", fraction=0.5), attackers=[1]
+    )
 
     wrapper.configure_train(1, global_arrays, None, None)
     wrapper.aggregate_train(1, replies)
@@ -209,7 +241,9 @@ def test_binary_flip_labels_copies_train() -> None:
     from scenarios.binary import BinarySplit
     from scenarios.fraud import FraudScenario
 
-    split = BinarySplit(features=torch.zeros(3, 2), labels=torch.tensor([0.0, 1.0, 0.0]))
+    split = BinarySplit(
+        features=torch.zeros(3, 2), labels=torch.tensor([0.0, 1.0, 0.0])
+    )
     node = NodeData(node=1, train=split, val=split, test=split)
 
     flipped = FraudScenario().flip_labels(node)
