@@ -57,18 +57,54 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS), help="scenarios to time (default: all)")
-    parser.add_argument("--nodes", type=int, default=5, help="nodes of the iid partition; node 0 is timed (default: 5)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per loop, after one warm-up epoch (default: 3)")
-    parser.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-SGD noise multiplier (default: 1.0)")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD per-example clipping norm (default: 1.0)")
-    parser.add_argument("--data-root", default=None, help="dataset folder (default: $FEDSEAL_DATA_DIR)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=list(SCENARIOS),
+        choices=list(SCENARIOS),
+        help="scenarios to time (default: all)",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=5,
+        help="nodes of the iid partition; node 0 is timed (default: 5)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed epochs per loop, after one warm-up epoch (default: 3)",
+    )
+    parser.add_argument(
+        "--noise-multiplier",
+        type=float,
+        default=1.0,
+        help="DP-SGD noise multiplier (default: 1.0)",
+    )
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=1.0,
+        help="DP-SGD per-example clipping norm (default: 1.0)",
+    )
+    parser.add_argument(
+        "--data-root", default=None, help="dataset folder (default: $FEDSEAL_DATA_DIR)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write the results as JSON to this file"
+    )
     return parser.parse_args(argv)
 
 
 def time_epochs(
-    scenario: Scenario, model: torch.nn.Module, node: NodeData, initial: OrderedDict, settings: TrainSettings, trainer: PrivateTrainer, repeats: int
+    scenario: Scenario,
+    model: torch.nn.Module,
+    node: NodeData,
+    initial: OrderedDict,
+    settings: TrainSettings,
+    trainer: PrivateTrainer,
+    repeats: int,
 ) -> tuple[list[float], list[float]]:
     """Return the seconds of each timed non-private and DP-SGD epoch.
 
@@ -94,16 +130,24 @@ def time_epochs(
     return plain, private
 
 
-def bench_scenario(name: str, args: argparse.Namespace, data_root: Path) -> dict[str, Any]:
+def bench_scenario(
+    name: str, args: argparse.Namespace, data_root: Path
+) -> dict[str, Any]:
     """Time both loops on node 0 of ``name`` and return one result row."""
     options = SCENARIOS[name]
     scenario = get_scenario(name)
-    node = scenario.load_nodes(data_root, PartitionSettings(num_nodes=args.nodes, scheme="iid", seed=0))[0]
+    node = scenario.load_nodes(
+        data_root, PartitionSettings(num_nodes=args.nodes, scheme="iid", seed=0)
+    )[0]
     torch.manual_seed(0)
     model = scenario.build_model()
-    initial = OrderedDict((key, value.clone()) for key, value in model.state_dict().items())
+    initial = OrderedDict(
+        (key, value.clone()) for key, value in model.state_dict().items()
+    )
 
-    settings = TrainSettings(epochs=1, batch_size=options["batch_size"], lr=options["lr"], seed=0)
+    settings = TrainSettings(
+        epochs=1, batch_size=options["batch_size"], lr=options["lr"], seed=0
+    )
     plain_steps = math.ceil(scenario.num_examples(node.train) / settings.batch_size)
 
     privacy = DPSGDSettings(
@@ -117,11 +161,16 @@ def bench_scenario(name: str, args: argparse.Namespace, data_root: Path) -> dict
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         trainer = PrivateTrainer(scenario, node, privacy, settings, partition_id=0)
-    plain, private = time_epochs(scenario, model, node, initial, settings, trainer, args.repeats)
+    plain, private = time_epochs(
+        scenario, model, node, initial, settings, trainer, args.repeats
+    )
 
     plain_step = statistics.median(plain) / plain_steps
     private_step = statistics.median(private) / trainer.steps_per_epoch
-    pair_ratios = [(dp / trainer.steps_per_epoch) / (base / plain_steps) for base, dp in zip(plain, private)]
+    pair_ratios = [
+        (dp / trainer.steps_per_epoch) / (base / plain_steps)
+        for base, dp in zip(plain, private)
+    ]
     row = {
         "scenario": name,
         "examples": scenario.num_examples(node.train),
@@ -136,7 +185,13 @@ def bench_scenario(name: str, args: argparse.Namespace, data_root: Path) -> dict
         "plain_epoch_s": statistics.median(plain),
         "dp_epoch_s": statistics.median(private),
     }
-    logger.info("%s: %.3f ms per plain step, %.3f ms per DP-SGD step (x%.2f)", name, row["plain_step_ms"], row["dp_step_ms"], row["step_ratio"])
+    logger.info(
+        "%s: %.3f ms per plain step, %.3f ms per DP-SGD step (x%.2f)",
+        name,
+        row["plain_step_ms"],
+        row["dp_step_ms"],
+        row["step_ratio"],
+    )
     return row
 
 
@@ -156,13 +211,21 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, log a Markdown table and optionally write JSON."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
     args = parse_args(argv)
     torch.set_num_threads(1)
     data_root = resolve_data_root(args.data_root)
 
     rows = [bench_scenario(name, args, data_root) for name in args.scenarios]
-    result = {"machine": machine(), "noise_multiplier": args.noise_multiplier, "max_grad_norm": args.max_grad_norm, "repeats": args.repeats, "rows": rows}
+    result = {
+        "machine": machine(),
+        "noise_multiplier": args.noise_multiplier,
+        "max_grad_norm": args.max_grad_norm,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
 
     header = "| scenario | batch (plain / DP) | steps per epoch (plain / DP) | plain ms/step | DP-SGD ms/step | ratio |"
     lines = [header, "|---|---|---|---:|---:|---:|"]

@@ -31,7 +31,12 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
-from privacy.ledger import ACCOUNTANTS, PrivacyBudgetExhausted, PrivacyLedger, ledger_path
+from privacy.ledger import (
+    ACCOUNTANTS,
+    PrivacyBudgetExhausted,
+    PrivacyLedger,
+    ledger_path,
+)
 from scenarios.base import NodeData, Scenario, TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -103,8 +108,16 @@ class DPSGDSettings:
             )
         checks = [
             ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
-            ("noise_multiplier", self.noise_multiplier is None or self.noise_multiplier > 0, "> 0"),
-            ("target_epsilon", self.target_epsilon is None or self.target_epsilon > 0, "> 0"),
+            (
+                "noise_multiplier",
+                self.noise_multiplier is None or self.noise_multiplier > 0,
+                "> 0",
+            ),
+            (
+                "target_epsilon",
+                self.target_epsilon is None or self.target_epsilon > 0,
+                "> 0",
+            ),
             ("delta", self.delta is None or 0 < self.delta < 1, "in (0, 1)"),
             ("budget", self.budget is None or self.budget > 0, "> 0"),
             ("batch_size", self.batch_size is None or self.batch_size >= 1, ">= 1"),
@@ -113,7 +126,9 @@ class DPSGDSettings:
         ]
         for key, valid, allowed in checks:
             if not valid:
-                raise ValueError(f"Invalid setting privacy.{key}={getattr(self, key)!r}: it must be {allowed}.")
+                raise ValueError(
+                    f"Invalid setting privacy.{key}={getattr(self, key)!r}: it must be {allowed}."
+                )
 
     @classmethod
     def from_dict(cls, privacy: dict[str, Any]) -> DPSGDSettings:
@@ -131,7 +146,13 @@ class DPSGDSettings:
         return math.inf
 
 
-def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+) -> float:
     """Return the smallest noise multiplier (within tolerance) whose ``steps`` steps stay within ``target_epsilon``.
 
     Parameters
@@ -153,7 +174,9 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     try:
         with warnings.catch_warnings():
             # The search probes extreme noise levels, where the best RDP order is the largest one tried.
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            warnings.filterwarnings(
+                "ignore", message="Optimal order is the largest alpha"
+            )
             return float(
                 get_noise_multiplier(
                     target_epsilon=target_epsilon,
@@ -200,7 +223,9 @@ def _collated(batch: Any) -> Any:
 
 def _derived_seed(base: int, *parts: object) -> int:
     text = ":".join(str(part) for part in (base, *parts))
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") >> 1
+    return (
+        int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") >> 1
+    )
 
 
 class PrivateTrainer:
@@ -231,7 +256,14 @@ class PrivateTrainer:
         Given, or calibrated from ``settings.target_epsilon`` for ``settings.rounds`` rounds.
     """
 
-    def __init__(self, scenario: Scenario, data: NodeData, settings: DPSGDSettings, train: TrainSettings, partition_id: int) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        data: NodeData,
+        settings: DPSGDSettings,
+        train: TrainSettings,
+        partition_id: int,
+    ) -> None:
         self.scenario = scenario
         self.settings = settings
         self.partition_id = partition_id
@@ -241,7 +273,9 @@ class PrivateTrainer:
         dataset = scenario.training_dataset(data)
         self.num_units = len(dataset)
         if self.num_units == 0:
-            raise ValueError(f"node {partition_id} has no training examples; DP-SGD needs at least one")
+            raise ValueError(
+                f"node {partition_id} has no training examples; DP-SGD needs at least one"
+            )
 
         self.noise_generator = torch.Generator()
         self.sampling_generator = torch.Generator()
@@ -253,7 +287,9 @@ class PrivateTrainer:
             collate_fn=_collated if hasattr(dataset, "__getitems__") else None,
             generator=self.sampling_generator,
         )
-        self.delta = settings.delta if settings.delta is not None else 1.0 / self.num_units
+        self.delta = (
+            settings.delta if settings.delta is not None else 1.0 / self.num_units
+        )
         self.noise_multiplier = self._noise_multiplier(loader, train.epochs)
 
         self.engine = PrivacyEngine(accountant=settings.accountant)
@@ -271,7 +307,13 @@ class PrivateTrainer:
         self.sample_rate = self.loader.sample_rate
         logger.info(
             "Node %d: DP-SGD on %d units, expected batch %d, sampling rate %.5f, noise multiplier %.4f, clipping %.3g, delta %.3g",
-            partition_id, self.num_units, batch_size, self.sample_rate, self.noise_multiplier, settings.max_grad_norm, self.delta,
+            partition_id,
+            self.num_units,
+            batch_size,
+            self.sample_rate,
+            self.noise_multiplier,
+            settings.max_grad_norm,
+            self.delta,
         )
 
     def _noise_multiplier(self, loader: DataLoader, epochs: int) -> float:
@@ -282,7 +324,13 @@ class PrivateTrainer:
         # Float rounding can make that one step fewer than len(loader), which only lowers the epsilon.
         steps_per_epoch = len(loader)
         steps = self.settings.rounds * epochs * steps_per_epoch
-        return calibrate_noise_multiplier(self.settings.target_epsilon, self.delta, 1.0 / steps_per_epoch, steps, self.settings.accountant)
+        return calibrate_noise_multiplier(
+            self.settings.target_epsilon,
+            self.delta,
+            1.0 / steps_per_epoch,
+            steps,
+            self.settings.accountant,
+        )
 
     def steps_for(self, epochs: int) -> int:
         """Return the number of DP-SGD steps of one round of ``epochs`` local epochs."""
@@ -294,13 +342,25 @@ class PrivateTrainer:
         Without ``noise_seed`` the seeds come from ``secrets``, so the server,
         which has the run seed, cannot predict the noise or the sampled examples.
         """
-        for stream, generator in (("noise", self.noise_generator), ("sampling", self.sampling_generator)):
+        for stream, generator in (
+            ("noise", self.noise_generator),
+            ("sampling", self.sampling_generator),
+        ):
             if self.settings.noise_seed is None:
                 generator.manual_seed(secrets.randbits(63))
             else:
-                generator.manual_seed(_derived_seed(self.settings.noise_seed, stream, server_round, self.partition_id))
+                generator.manual_seed(
+                    _derived_seed(
+                        self.settings.noise_seed,
+                        stream,
+                        server_round,
+                        self.partition_id,
+                    )
+                )
 
-    def train_round(self, state: OrderedDict[str, torch.Tensor], epochs: int, loss_seed: int) -> dict[str, float]:
+    def train_round(
+        self, state: OrderedDict[str, torch.Tensor], epochs: int, loss_seed: int
+    ) -> dict[str, float]:
         """Load ``state``, run ``epochs`` epochs of DP-SGD and return ``train_loss`` and ``dp_steps``.
 
         ``train_loss`` is the mean batch loss of the last epoch over non-empty batches.
@@ -325,7 +385,9 @@ class PrivateTrainer:
                         self._zero_grad_samples()
                         empty_batches += 1
                     else:
-                        loss = self.scenario.loss(self.module, batch, self.loss_generator)
+                        loss = self.scenario.loss(
+                            self.module, batch, self.loss_generator
+                        )
                         loss.backward()
                         epoch_losses.append(float(loss.detach()))
                     # An empty Poisson batch still takes a noisy step: the accountant assumes every step adds noise.
@@ -334,18 +396,31 @@ class PrivateTrainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         if empty_batches:
-            logger.debug("Node %d: %d empty Poisson batches took a noise-only step", self.partition_id, empty_batches)
+            logger.debug(
+                "Node %d: %d empty Poisson batches took a noise-only step",
+                self.partition_id,
+                empty_batches,
+            )
         mean_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else math.nan
-        return {"train_loss": mean_loss, "dp_steps_round": float(steps), "empty_batches": float(empty_batches)}
+        return {
+            "train_loss": mean_loss,
+            "dp_steps_round": float(steps),
+            "empty_batches": float(empty_batches),
+        }
 
     def _zero_grad_samples(self) -> None:
         for parameter in self.model.parameters():
             if parameter.requires_grad:
-                parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype)
+                parameter.grad_sample = torch.zeros(
+                    (0, *parameter.shape), dtype=parameter.dtype
+                )
 
     def state_dict(self) -> OrderedDict[str, torch.Tensor]:
         """Return a copy of the unwrapped model's weights (keys without Opacus's ``_module.`` prefix)."""
-        return OrderedDict((key, value.detach().clone()) for key, value in self.model.state_dict().items())
+        return OrderedDict(
+            (key, value.detach().clone())
+            for key, value in self.model.state_dict().items()
+        )
 
 
 # (run key, partition id, task fingerprint) -> trainer. One process may serve
@@ -358,7 +433,13 @@ def clear_cache() -> None:
     _TRAINERS.clear()
 
 
-def trainer_for(key: tuple[str, int, str], scenario: Scenario, data: NodeData, settings: DPSGDSettings, train: TrainSettings) -> PrivateTrainer:
+def trainer_for(
+    key: tuple[str, int, str],
+    scenario: Scenario,
+    data: NodeData,
+    settings: DPSGDSettings,
+    train: TrainSettings,
+) -> PrivateTrainer:
     """Return the cached trainer of ``key``, building it (and attaching Opacus) on first use."""
     trainer = _TRAINERS.get(key)
     if trainer is None:
@@ -373,7 +454,9 @@ def trainer_for(key: tuple[str, int, str], scenario: Scenario, data: NodeData, s
     return trainer
 
 
-def node_state_dir(settings: DPSGDSettings, partition_id: int, node_state_dir: str | None = None) -> Path:
+def node_state_dir(
+    settings: DPSGDSettings, partition_id: int, node_state_dir: str | None = None
+) -> Path:
     """Return the folder that contains a node's ledger.
 
     The node's own ``state-dir`` config wins; otherwise the run's
@@ -438,27 +521,50 @@ def train_private(
         If this round would take the node's epsilon above its budget. Nothing is charged then.
     """
     settings = DPSGDSettings.from_dict(privacy)
-    trainer = trainer_for((settings.run_key, partition_id, task_fingerprint), scenario, data, settings, train)
-    ledger = PrivacyLedger(ledger_path(node_state_dir(settings, partition_id, state_dir), settings.run_key), settings.accountant)
+    trainer = trainer_for(
+        (settings.run_key, partition_id, task_fingerprint),
+        scenario,
+        data,
+        settings,
+        train,
+    )
+    ledger = PrivacyLedger(
+        ledger_path(
+            node_state_dir(settings, partition_id, state_dir), settings.run_key
+        ),
+        settings.accountant,
+    )
 
     steps = trainer.steps_for(train.epochs)
     spent = ledger.epsilon(trainer.delta)
-    projected = ledger.epsilon_after(trainer.noise_multiplier, trainer.sample_rate, steps, trainer.delta)
+    projected = ledger.epsilon_after(
+        trainer.noise_multiplier, trainer.sample_rate, steps, trainer.delta
+    )
     if projected > settings.epsilon_budget * (1.0 + BUDGET_SLACK):
-        raise PrivacyBudgetExhausted(partition_id, spent, projected, settings.epsilon_budget, trainer.delta)
+        raise PrivacyBudgetExhausted(
+            partition_id, spent, projected, settings.epsilon_budget, trainer.delta
+        )
 
     # Charge first: the privacy cost is spent once the data is used, even if this process dies mid-round.
     ledger.charge(server_round, trainer.noise_multiplier, trainer.sample_rate, steps)
     trainer.reseed(server_round)
     metrics = trainer.train_round(state, train.epochs, train.seed)
     if int(metrics["dp_steps_round"]) != steps:
-        raise RuntimeError(f"node {partition_id} took {int(metrics['dp_steps_round'])} DP-SGD steps but charged {steps}")
+        raise RuntimeError(
+            f"node {partition_id} took {int(metrics['dp_steps_round'])} DP-SGD steps but charged {steps}"
+        )
 
     # The loss and the empty-batch count are computed from private data without
     # noise, so they stay in the node's log and are not sent.
     logger.info(
         "Node %d round %d: train loss %.4f, %d empty batches; epsilon %.4f at delta %.3g after %d DP-SGD steps",
-        partition_id, server_round, metrics["train_loss"], int(metrics["empty_batches"]), projected, trainer.delta, ledger.steps,
+        partition_id,
+        server_round,
+        metrics["train_loss"],
+        int(metrics["empty_batches"]),
+        projected,
+        trainer.delta,
+        ledger.steps,
     )
     released = {
         "epsilon": projected,
