@@ -75,7 +75,10 @@ class AttackSettings:
     epsilon : float
         ``ipm`` scale of the reversed honest mean.
     direction : str
-        ``min_max`` perturbation: ``std`` or ``unit_mean``.
+        ``min_max`` perturbation: ``std``, ``unit_mean`` or ``sign``.
+    z : float or None
+        ``alie`` shift in standard deviations; None takes z from n and f as
+        Baruch et al. do, a positive number replaces it.
     """
 
     name: str = "none"
@@ -85,6 +88,7 @@ class AttackSettings:
     boost: float = 10.0
     epsilon: float = 0.5
     direction: str = "std"
+    z: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in ATTACKS:
@@ -98,6 +102,10 @@ class AttackSettings:
         if self.direction not in attacks.MIN_MAX_DIRECTIONS:
             raise ValueError(
                 f"Invalid setting attack.direction={self.direction!r}: use one of {attacks.MIN_MAX_DIRECTIONS}."
+            )
+        if self.z is not None and not (np.isfinite(self.z) and self.z > 0):
+            raise ValueError(
+                f"Invalid setting attack.z={self.z}: it must be a positive number, or null for the z of n and f."
             )
 
     @classmethod
@@ -192,13 +200,23 @@ class AttackSimulation(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Replace the attackers' replies, then let the inner strategy aggregate."""
+        """Replace the attackers' replies, let the inner strategy aggregate, then report its deviation."""
         replies = list(replies)
-        if self.settings.name in MODEL_POISONING:
+        honest = (
             self._poison(server_round, replies)
-        return self.strategy.aggregate_train(server_round, replies)
+            if self.settings.name in MODEL_POISONING
+            else None
+        )
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if honest is not None and arrays is not None:
+            self._report_deviation(server_round, honest, arrays)
+        return arrays, metrics
 
-    def _poison(self, server_round: int, replies: list[Message]) -> None:
+    def _poison(self, server_round: int, replies: list[Message]) -> np.ndarray | None:
+        """Replace the attackers' arrays in ``replies`` and return the honest updates.
+
+        Returns None when the round has no attacker reply or no honest reply.
+        """
         usable = [
             reply
             for reply in replies
@@ -206,20 +224,29 @@ class AttackSimulation(Strategy):
         ]
         malicious = [reply for reply in usable if partition_of(reply) in self.attackers]
         if not malicious:
-            return
+            return None
 
         honest = [
             reply for reply in usable if partition_of(reply) not in self.attackers
         ]
-        # Without an honest reply, the attackers fall back on their own honestly trained updates.
-        known = np.stack(
-            [
-                flat_update(reply_arrays(reply), self._global)
-                for reply in (honest or malicious)
-            ]
+        honest_updates = (
+            np.stack(
+                [flat_update(reply_arrays(reply), self._global) for reply in honest]
+            )
+            if honest
+            else None
         )
+        # Without an honest reply, the attackers fall back on their own honestly trained updates.
+        known = (
+            honest_updates
+            if honest_updates is not None
+            else np.stack(
+                [flat_update(reply_arrays(reply), self._global) for reply in malicious]
+            )
+        )
+        known_mean = known.mean(axis=0)
 
-        norms = []
+        norms, distances = [], []
         for reply in malicious:
             own = flat_update(reply_arrays(reply), self._global)
             update = self._craft(
@@ -232,14 +259,16 @@ class AttackSimulation(Strategy):
             )
             replace_arrays(reply, arrays_from_update(update, self._global))
             norms.append(float(np.linalg.norm(update)))
+            distances.append(float(np.linalg.norm(update - known_mean)))
 
         partitions = [partition_of(reply) for reply in malicious]
         logger.info(
-            "Round %d: %s updates sent by partitions %s (norms %s)",
+            "Round %d: %s updates sent by partitions %s (norms %s, distance to the honest mean %s)",
             server_round,
             self.settings.name,
             partitions,
             [round(n, 4) for n in norms],
+            [round(d, 4) for d in distances],
         )
         report_event(
             self.sink,
@@ -250,6 +279,49 @@ class AttackSimulation(Strategy):
             attack=self.settings.name,
             partitions=partitions,
             norms=norms,
+            distances_to_honest_mean=distances,
+        )
+        return honest_updates
+
+    def _report_deviation(
+        self, server_round: int, honest: np.ndarray, arrays: ArrayRecord
+    ) -> None:
+        """Report how far the aggregate update lies from the mean of the honest updates.
+
+        The distance measures how much the attack and the rule together moved
+        the round's update away from the honest nodes. The honest mean here is
+        unweighted, while FedAvg weights by example count, so an attack-free
+        FedAvg aggregate also lies a small distance from it.
+        """
+        aggregate = flat_update(to_numpy(arrays), self._global)
+        honest_mean = honest.mean(axis=0)
+        distance = float(np.linalg.norm(aggregate - honest_mean))
+        honest_norm = float(np.linalg.norm(honest_mean))
+        aggregate_norm = float(np.linalg.norm(aggregate))
+        denominator = honest_norm * aggregate_norm
+        cosine = (
+            float(aggregate @ honest_mean / denominator)
+            if denominator > 0
+            else float("nan")
+        )
+
+        logger.info(
+            "Round %d: aggregate is %.4g from the honest mean (norm %.4g), cosine %.4f",
+            server_round,
+            distance,
+            honest_norm,
+            cosine,
+        )
+        report_event(
+            self.sink,
+            None,
+            "attack",
+            server_round,
+            "aggregate_deviation",
+            distance=distance,
+            honest_mean_norm=honest_norm,
+            aggregate_norm=aggregate_norm,
+            cosine=cosine,
         )
 
     def _craft(
@@ -272,7 +344,7 @@ class AttackSimulation(Strategy):
             )
             return attacks.gaussian(known, rng)
         if name == "alie":
-            return attacks.alie(known, num_nodes, num_malicious)
+            return attacks.alie(known, num_nodes, num_malicious, self.settings.z)
         if name == "ipm":
             return attacks.ipm(known, self.settings.epsilon)
         update, gamma = attacks.min_max(known, self.settings.direction)

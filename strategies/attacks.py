@@ -23,7 +23,9 @@ from statistics import NormalDist
 
 import numpy as np
 
-MIN_MAX_DIRECTIONS = ("std", "unit_mean")
+# Perturbation directions p of Min-Max, each the reverse of a statistic of the
+# honest updates: their per-coordinate std, their unit mean and the sign of their mean.
+MIN_MAX_DIRECTIONS = ("std", "unit_mean", "sign")
 
 
 def _as_matrix(honest: np.ndarray) -> np.ndarray:
@@ -114,7 +116,9 @@ def alie_z(num_nodes: int, num_malicious: int) -> float:
     return float(NormalDist().inv_cdf(quantile))
 
 
-def alie(honest: np.ndarray, num_nodes: int, num_malicious: int) -> np.ndarray:
+def alie(
+    honest: np.ndarray, num_nodes: int, num_malicious: int, z: float | None = None
+) -> np.ndarray:
     """Return the ALIE update ``mean - z * std`` of the honest updates, per coordinate.
 
     Parameters
@@ -125,16 +129,24 @@ def alie(honest: np.ndarray, num_nodes: int, num_malicious: int) -> np.ndarray:
         Nodes in the round, honest and malicious (``n``).
     num_malicious : int
         Malicious nodes in the round (``f``); sets z through ``alie_z``.
+    z : float, optional
+        Fixed z in place of ``alie_z(n, f)``; must be positive. Setting it
+        departs from Baruch et al., whose z depends only on n and f.
 
     Notes
     -----
     The standard deviation is the sample one (``ddof=1``) when ``k > 1``, and
     zero for a single honest update.
     """
+    if z is not None and not (math.isfinite(z) and z > 0):
+        raise ValueError(
+            f"ALIE z must be a positive finite number, got {z}; set attack.z to a positive number or null"
+        )
     matrix = _as_matrix(honest)
     mean = matrix.mean(axis=0)
     std = matrix.std(axis=0, ddof=1) if matrix.shape[0] > 1 else np.zeros_like(mean)
-    return mean - alie_z(num_nodes, num_malicious) * std
+    shift = alie_z(num_nodes, num_malicious) if z is None else z
+    return mean - shift * std
 
 
 def ipm(honest: np.ndarray, epsilon: float) -> np.ndarray:
@@ -155,14 +167,22 @@ def ipm(honest: np.ndarray, epsilon: float) -> np.ndarray:
 
 
 def min_max_direction(honest: np.ndarray, direction: str) -> np.ndarray:
-    """Return the perturbation direction of Min-Max: ``-std`` or the negative unit mean."""
+    """Return the perturbation direction p of Min-Max.
+
+    ``std`` gives ``-std`` (per coordinate), ``unit_mean`` gives
+    ``-mean / ||mean||`` and ``sign`` gives ``-sign(mean)``, the inverse
+    standard deviation, inverse unit vector and inverse sign of Shejwalkar and
+    Houmansadr (NDSS 2021). A zero mean gives a zero ``unit_mean`` direction.
+    """
     matrix = _as_matrix(honest)
     if direction == "std":
         return -matrix.std(axis=0)
+    mean = matrix.mean(axis=0)
     if direction == "unit_mean":
-        mean = matrix.mean(axis=0)
         norm = float(np.linalg.norm(mean))
         return -mean / norm if norm > 0 else np.zeros_like(mean)
+    if direction == "sign":
+        return -np.sign(mean)
     raise ValueError(
         f"unknown Min-Max direction {direction!r}; set attack.direction to one of {MIN_MAX_DIRECTIONS}"
     )
@@ -197,7 +217,8 @@ def min_max(
     honest : np.ndarray
         Honest updates, shape ``(k, d)``.
     direction : str
-        ``std`` (p = -std of the honest updates) or ``unit_mean`` (p = -mean / ||mean||).
+        One of ``MIN_MAX_DIRECTIONS``: ``std`` (p = -std of the honest
+        updates), ``unit_mean`` (p = -mean / ||mean||) or ``sign`` (p = -sign(mean)).
     gamma_init : float
         First gamma tried.
     tolerance : float

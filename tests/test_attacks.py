@@ -21,6 +21,33 @@ from strategies.attack_simulation import (
 from strategies.updates import reply_arrays
 
 
+class EventSink:
+    """Stands in for the run log and keeps the robustness events."""
+
+    def __init__(self) -> None:
+        self.events = []
+
+    def record_event(self, phase, server_round, event, node=None, **fields):
+        self.events.append(
+            {"phase": phase, "round": server_round, "event": event, **fields}
+        )
+
+
+class MeanStrategy:
+    """Stands in for FedAvg: returns the unweighted mean of the reply arrays."""
+
+    def __init__(self) -> None:
+        self.replies = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return []
+
+    def aggregate_train(self, server_round, replies):
+        self.replies = list(replies)
+        mean = np.mean([reply_arrays(reply)["w"] for reply in self.replies], axis=0)
+        return ArrayRecord({"w": Array(mean.astype(np.float32))}), None
+
+
 class CapturingStrategy:
     """Stands in for the inner strategy and keeps the replies it was given."""
 
@@ -87,6 +114,26 @@ def test_alie_is_mean_minus_z_std() -> None:
     np.testing.assert_allclose(result, [2.0 - 2.0 * z, 1.0])
 
 
+def test_alie_z_twenty_nodes() -> None:
+    # n = 20, f = 4: s = floor(20/2 + 1) - 4 = 7, quantile (20 - 7) / 20 = 0.65.
+    assert attacks.alie_z(20, 4) == pytest.approx(0.385320, abs=1e-6)
+
+
+def test_alie_fixed_z_replaces_formula() -> None:
+    honest = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0]])
+
+    result = attacks.alie(honest, num_nodes=10, num_malicious=2, z=1.5)
+
+    # Column 0: mean 2, sample std 2, so 2 - 1.5 * 2 = -1. Column 1 has std 0.
+    np.testing.assert_allclose(result, [-1.0, 1.0])
+
+
+@pytest.mark.parametrize("z", [0.0, -1.0, float("inf"), float("nan")])
+def test_alie_rejects_bad_z(z: float) -> None:
+    with pytest.raises(ValueError, match="set attack.z to a positive number or null"):
+        attacks.alie(np.ones((2, 2)), num_nodes=10, num_malicious=2, z=z)
+
+
 def test_alie_rejects_bad_counts() -> None:
     with pytest.raises(ValueError, match="0 < f < n"):
         attacks.alie_z(4, 4)
@@ -123,8 +170,42 @@ def test_min_max_gamma_is_largest_feasible() -> None:
 
 
 def test_min_max_rejects_unknown_direction() -> None:
-    with pytest.raises(ValueError, match="unknown Min-Max direction 'sign'"):
-        attacks.min_max(np.ones((2, 2)), direction="sign")
+    with pytest.raises(ValueError, match="unknown Min-Max direction 'inverse'"):
+        attacks.min_max(np.ones((2, 2)), direction="inverse")
+
+
+def test_min_max_directions_on_known_mean() -> None:
+    honest = np.array([[1.0, -2.0], [3.0, 0.0]])
+
+    # Mean (2, -1), population std (1, 1), norm of the mean sqrt(5).
+    np.testing.assert_allclose(attacks.min_max_direction(honest, "std"), [-1.0, -1.0])
+    np.testing.assert_allclose(
+        attacks.min_max_direction(honest, "unit_mean"),
+        np.array([-2.0, 1.0]) / np.sqrt(5.0),
+    )
+    np.testing.assert_allclose(attacks.min_max_direction(honest, "sign"), [-1.0, 1.0])
+
+
+def test_min_max_sign_solves_two_dimensions() -> None:
+    # Mean (2, -1), p = -sign(mean) = (-1, 1), largest honest distance sqrt(8).
+    # The update (2 - g, -1 + g) lies sqrt(2 + 2 g^2) from both honest
+    # updates, so the bound gives g^2 <= 3.
+    honest = np.array([[1.0, -2.0], [3.0, 0.0]])
+
+    update, gamma = attacks.min_max(honest, direction="sign")
+
+    assert gamma == pytest.approx(np.sqrt(3.0), abs=1e-4)
+    np.testing.assert_allclose(
+        update, [2.0 - np.sqrt(3.0), -1.0 + np.sqrt(3.0)], atol=1e-4
+    )
+
+
+def test_min_max_sign_zero_where_mean_zero() -> None:
+    honest = np.array([[1.0, -1.0, 2.0], [-1.0, 1.0, 4.0]])
+
+    np.testing.assert_array_equal(
+        attacks.min_max_direction(honest, "sign"), [0.0, 0.0, -1.0]
+    )
 
 
 def test_choose_attackers_is_seeded() -> None:
@@ -145,6 +226,19 @@ def test_choose_attackers_keeps_one_honest() -> None:
 def test_attack_settings_reject_unknown_name() -> None:
     with pytest.raises(ValueError, match="Unknown attack 'flood'"):
         AttackSettings(name="flood")
+
+
+def test_attack_settings_read_z() -> None:
+    assert AttackSettings.from_config({"name": "alie", "z": None}).z is None
+    assert AttackSettings.from_config({"name": "alie", "z": 1.5}).z == 1.5
+    with pytest.raises(ValueError, match="Invalid setting attack.z=-1"):
+        AttackSettings(name="alie", z=-1.0)
+
+
+def test_attack_settings_accept_sign_direction() -> None:
+    assert AttackSettings(name="min_max", direction="sign").direction == "sign"
+    with pytest.raises(ValueError, match="Invalid setting attack.direction='inverse'"):
+        AttackSettings(name="min_max", direction="inverse")
 
 
 def test_attack_spec_names_attackers() -> None:
@@ -276,3 +370,73 @@ def test_rating_flip_drops_liked_rows() -> None:
     assert flipped.ratings.tolist() == [5.0, 3.0]
     assert flipped.history_items.tolist() == [5, 7]
     assert flipped.ratings.dtype == np.float32
+
+
+def test_simulation_alie_attackers_send_same_update() -> None:
+    global_value = np.zeros(2)
+    updates = {
+        0: np.array([0.0, 1.0]),
+        1: np.array([2.0, 1.0]),
+        2: np.array([4.0, 1.0]),
+        3: np.array([9.0, 9.0]),
+        4: np.array([-5.0, 3.0]),
+    }
+    global_arrays, replies = _round(global_value, updates)
+    inner = CapturingStrategy()
+    settings = AttackSettings(name="alie", fraction=0.4, z=1.5)
+    wrapper = AttackSimulation(inner, settings, attackers=[3, 4])
+
+    wrapper.configure_train(1, global_arrays, None, None)
+    wrapper.aggregate_train(1, replies)
+
+    # Honest column 0: mean 2, sample std 2; column 1: mean 1, std 0.
+    for attacker in (3, 4):
+        np.testing.assert_allclose(
+            reply_arrays(inner.replies[attacker])["w"], [-1.0, 1.0]
+        )
+
+
+def test_simulation_reports_aggregate_deviation() -> None:
+    global_value = np.array([1.0, 1.0])
+    updates = {
+        0: np.array([1.0, 0.0]),
+        1: np.array([3.0, 0.0]),
+        2: np.array([5.0, 5.0]),
+    }
+    global_arrays, replies = _round(global_value, updates)
+    sink = EventSink()
+    settings = AttackSettings(name="ipm", fraction=0.3, epsilon=1.0)
+    wrapper = AttackSimulation(MeanStrategy(), settings, attackers=[2], sink=sink)
+
+    wrapper.configure_train(1, global_arrays, None, None)
+    wrapper.aggregate_train(1, replies)
+
+    # Honest mean update (2, 0); the attacker sends (-2, 0), so the mean
+    # aggregate update is (2/3, 0): 4/3 from the honest mean, same direction.
+    replaced = next(e for e in sink.events if e["event"] == "updates_replaced")
+    deviation = next(e for e in sink.events if e["event"] == "aggregate_deviation")
+    assert replaced["distances_to_honest_mean"] == pytest.approx([4.0])
+    assert deviation["round"] == 1
+    assert deviation["distance"] == pytest.approx(4.0 / 3.0, rel=1e-6)
+    assert deviation["honest_mean_norm"] == pytest.approx(2.0)
+    assert deviation["aggregate_norm"] == pytest.approx(2.0 / 3.0, rel=1e-6)
+    assert deviation["cosine"] == pytest.approx(1.0)
+
+
+def test_simulation_without_attacker_reports_nothing() -> None:
+    global_value = np.zeros(2)
+    global_arrays, replies = _round(
+        global_value, {0: np.array([1.0, 1.0]), 1: np.array([0.5, -2.0])}
+    )
+    sink = EventSink()
+    wrapper = AttackSimulation(
+        MeanStrategy(),
+        AttackSettings(name="alie", fraction=0.2),
+        attackers=[7],
+        sink=sink,
+    )
+
+    wrapper.configure_train(1, global_arrays, None, None)
+    wrapper.aggregate_train(1, replies)
+
+    assert sink.events == []
