@@ -22,8 +22,25 @@ from pathlib import Path
 
 logger = logging.getLogger("robustness_table")
 
-ATTACK_ORDER = ("none", "sign_flip", "gaussian", "scaling", "label_flip", "alie", "ipm", "min_max")
-STRATEGY_ORDER = ("fedavg", "krum", "multikrum", "bulyan", "trimmed_mean", "median", "trust")
+ATTACK_ORDER = (
+    "none",
+    "sign_flip",
+    "gaussian",
+    "scaling",
+    "label_flip",
+    "alie",
+    "ipm",
+    "min_max",
+)
+STRATEGY_ORDER = (
+    "fedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+    "trimmed_mean",
+    "median",
+    "trust",
+)
 # Largest accepted drop of the trust strategy from attack-free FedAvg at 20 % attackers.
 TRUST_TOLERANCE = 0.02
 
@@ -54,7 +71,9 @@ def read_run(summary_path: Path) -> RunResult:
         scenario=summary["scenario"],
         strategy=summary["strategy"],
         attack=attack["name"],
-        fraction=float(attack.get("fraction", 0.0)) if attack["name"] != "none" else 0.0,
+        fraction=float(attack.get("fraction", 0.0))
+        if attack["name"] != "none"
+        else 0.0,
         attackers=list(attack.get("attackers", [])),
         metric=metric,
         value=float("nan") if value is None else float(value),
@@ -82,7 +101,9 @@ def collect(folders: list[Path]) -> list[RunResult]:
 
 
 def _order(values, preferred) -> list:
-    return [v for v in preferred if v in values] + sorted(v for v in values if v not in preferred)
+    return [v for v in preferred if v in values] + sorted(
+        v for v in values if v not in preferred
+    )
 
 
 def _cell(value: float, reference: float | None) -> str:
@@ -106,12 +127,16 @@ def render(runs: list[RunResult]) -> str:
         baseline = index.get(("fedavg", "none", 0.0))
         reference = baseline.value if baseline else None
         strategies = _order({r.strategy for r in scenario_runs}, STRATEGY_ORDER)
-        attacks = _order({r.attack for r in scenario_runs if r.attack != "none"}, ATTACK_ORDER)
+        attacks = _order(
+            {r.attack for r in scenario_runs if r.attack != "none"}, ATTACK_ORDER
+        )
         fractions = sorted({r.fraction for r in scenario_runs if r.attack != "none"})
         metric = scenario_runs[0].metric
 
         ref_text = "missing" if reference is None else f"{reference:.3f}"
-        lines.append(f"### {scenario}: final {metric} (difference from attack-free FedAvg, {ref_text})\n")
+        lines.append(
+            f"### {scenario}: final {metric} (difference from attack-free FedAvg, {ref_text})\n"
+        )
         for fraction in fractions or [None]:
             if fraction is not None:
                 lines.append(f"Malicious fraction {fraction:.0%}:\n")
@@ -140,34 +165,62 @@ def _notes(runs: list[RunResult], reference: float | None) -> list[str]:
         caught = sorted(node for node in run.quarantined if node in attackers)
         honest = sorted(node for node in run.quarantined if node not in attackers)
         if caught or honest:
-            lines.append(f"- trust, {run.attack} at {run.fraction:.0%}: quarantined attackers {caught}, honest nodes {honest}")
+            lines.append(
+                f"- trust, {run.attack} at {run.fraction:.0%}: quarantined attackers {caught}, honest nodes {honest}"
+            )
 
     failing = [
-        r for r in runs
-        if r.strategy == "trust" and r.attack != "none" and abs(r.fraction - 0.2) < 1e-9
-        and reference is not None and not (r.value >= reference - TRUST_TOLERANCE)
+        r
+        for r in runs
+        if r.strategy == "trust"
+        and r.attack != "none"
+        and abs(r.fraction - 0.2) < 1e-9
+        and reference is not None
+        and not (r.value >= reference - TRUST_TOLERANCE)
     ]
-    trust_at_20 = [r for r in runs if r.strategy == "trust" and r.attack != "none" and abs(r.fraction - 0.2) < 1e-9]
+    trust_at_20 = [
+        r
+        for r in runs
+        if r.strategy == "trust" and r.attack != "none" and abs(r.fraction - 0.2) < 1e-9
+    ]
     if reference is not None and trust_at_20:
-        verdict = f"all {len(trust_at_20)} attacks" if not failing else "all but " + ", ".join(r.attack for r in failing)
-        lines.append(f"- trust at 20 % stays within {TRUST_TOLERANCE} of attack-free FedAvg under {verdict}.")
+        verdict = (
+            f"all {len(trust_at_20)} attacks"
+            if not failing
+            else "all but " + ", ".join(r.attack for r in failing)
+        )
+        lines.append(
+            f"- trust at 20 % stays within {TRUST_TOLERANCE} of attack-free FedAvg under {verdict}."
+        )
 
     dropped = sum(r.dropped for r in runs)
-    lines.append(f"- update validation dropped {dropped} replies over {len(runs)} runs.\n")
+    lines.append(
+        f"- update validation dropped {dropped} replies over {len(runs)} runs.\n"
+    )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, read the runs and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", type=Path, help="multirun folders (searched recursively for summary.json)")
-    parser.add_argument("--out", type=Path, help="Markdown file to write; default standard output")
+    parser.add_argument(
+        "folders",
+        nargs="+",
+        type=Path,
+        help="multirun folders (searched recursively for summary.json)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="Markdown file to write; default standard output"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     runs = collect(args.folders)
     if not runs:
-        logger.error("No summary.json found under %s; pass the multirun folders of the sweep.", ", ".join(map(str, args.folders)))
+        logger.error(
+            "No summary.json found under %s; pass the multirun folders of the sweep.",
+            ", ".join(map(str, args.folders)),
+        )
         return 1
 
     text = render(runs)
