@@ -6,7 +6,14 @@ difference from attack-free FedAvg of the same scenario. Under the tables it
 lists trust-weighting quarantines (attackers and honest nodes) and replies
 dropped by update validation, read from each run's ``metrics.jsonl``.
 
+Min-Max runs are labelled with their direction (``min_max/sign``), and ALIE
+runs with a fixed z with it (``alie/z=1.5``). With ``--per-round`` it also
+writes, per scenario, one row per run with the metric after each round
+(``train_loss`` reads the nodes' mean training loss of the round), and a table
+of how far the aggregate update was from the honest mean in attacked rounds.
+
     python bench/robustness_table.py multirun/2026-12-05/00-00-00 --out table.md
+    python bench/robustness_table.py runs/ --per-round accuracy,train_loss
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ ATTACK_ORDER = (
     "alie",
     "ipm",
     "min_max",
+    "min_max/std",
+    "min_max/unit_mean",
+    "min_max/sign",
 )
 STRATEGY_ORDER = (
     "fedavg",
@@ -58,6 +68,22 @@ class RunResult:
     value: float
     quarantined: dict[int, int] = field(default_factory=dict)
     dropped: int = 0
+    # Metric name -> round -> value, from the server evaluations and the train phase.
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)
+    # Round -> ``aggregate_deviation`` event, for each attacked round.
+    deviations: dict[int, dict] = field(default_factory=dict)
+    # Round -> distance of the crafted update from the honest mean.
+    injected: dict[int, float] = field(default_factory=dict)
+
+
+def attack_label(attack: dict) -> str:
+    """Return the table label of an attack: its name, with the Min-Max direction or a fixed ALIE z."""
+    name = attack["name"]
+    if name == "min_max":
+        return f"min_max/{attack.get('direction', 'std')}"
+    if name == "alie" and attack.get("z") is not None:
+        return f"alie/z={attack['z']:g}"
+    return name
 
 
 def read_run(summary_path: Path) -> RunResult:
@@ -70,7 +96,7 @@ def read_run(summary_path: Path) -> RunResult:
     result = RunResult(
         scenario=summary["scenario"],
         strategy=summary["strategy"],
-        attack=attack["name"],
+        attack=attack_label(attack),
         fraction=float(attack.get("fraction", 0.0))
         if attack["name"] != "none"
         else 0.0,
@@ -82,12 +108,32 @@ def read_run(summary_path: Path) -> RunResult:
     events = summary_path.parent / "metrics.jsonl"
     if events.exists():
         for line in events.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            if record.get("event") == "quarantined":
-                result.quarantined.setdefault(int(record["node"]), int(record["round"]))
-            elif record.get("event") == "reply_dropped":
-                result.dropped += 1
+            _read_event(result, json.loads(line))
     return result
+
+
+def _read_event(result: RunResult, record: dict) -> None:
+    event = record.get("event")
+    if event == "quarantined":
+        result.quarantined.setdefault(int(record["node"]), int(record["round"]))
+    elif event == "reply_dropped":
+        result.dropped += 1
+    elif event == "aggregate_deviation":
+        result.deviations[int(record["round"])] = record
+    elif event == "updates_replaced" and record.get("distances_to_honest_mean"):
+        # Every attacker sends the same crafted update, so the first distance applies to all of them.
+        result.injected[int(record["round"])] = float(
+            record["distances_to_honest_mean"][0]
+        )
+    elif record.get("phase") == "server_evaluate":
+        for name, value in record["metrics"].items():
+            result.curves.setdefault(name, {})[int(record["round"])] = float(value)
+    elif record.get("phase") == "train" and record.get("scope") == "global":
+        loss = record.get("metrics", {}).get("train_loss")
+        if loss is not None:
+            result.curves.setdefault("train_loss", {})[int(record["round"])] = float(
+                loss
+            )
 
 
 def collect(folders: list[Path]) -> list[RunResult]:
@@ -200,6 +246,101 @@ def _notes(runs: list[RunResult], reference: float | None) -> list[str]:
     return lines
 
 
+def render_rounds(runs: list[RunResult], metrics: list[str]) -> str:
+    """Return per-round tables of ``metrics`` and the aggregate-deviation table for ``runs``."""
+    lines: list[str] = []
+    for scenario in sorted({r.scenario for r in runs}):
+        scenario_runs = _sorted_runs([r for r in runs if r.scenario == scenario])
+        for metric in metrics:
+            lines.extend(_curve_table(scenario, metric, scenario_runs))
+        lines.extend(_deviation_table(scenario, scenario_runs))
+    return "\n".join(lines)
+
+
+def _sorted_runs(runs: list[RunResult]) -> list[RunResult]:
+    strategies = _order({r.strategy for r in runs}, STRATEGY_ORDER)
+    attacks = _order({r.attack for r in runs}, ATTACK_ORDER)
+    return sorted(
+        runs,
+        key=lambda r: (
+            strategies.index(r.strategy),
+            attacks.index(r.attack),
+            r.fraction,
+        ),
+    )
+
+
+def _curve_table(scenario: str, metric: str, runs: list[RunResult]) -> list[str]:
+    rounds = sorted({n for r in runs for n in r.curves.get(metric, {})})
+    if not rounds:
+        return [f"No {metric} per round in the {scenario} runs.\n"]
+    lines = [f"### {scenario}: {metric} after each round\n"]
+    lines.append("| aggregator | attack | " + " | ".join(str(n) for n in rounds) + " |")
+    lines.append("|---|---" + "|---" * len(rounds) + "|")
+    for run in runs:
+        curve = run.curves.get(metric, {})
+        cells = [f"{curve[n]:.3f}" if n in curve else "-" for n in rounds]
+        lines.append(
+            f"| {run.strategy} | {_run_attack(run)} | " + " | ".join(cells) + " |"
+        )
+    lines.append("")
+    return lines
+
+
+def _run_attack(run: RunResult) -> str:
+    return "none" if run.attack == "none" else f"{run.attack} {run.fraction:.0%}"
+
+
+def _deviation_table(scenario: str, runs: list[RunResult]) -> list[str]:
+    attacked = [r for r in runs if r.deviations]
+    if not attacked:
+        return []
+    note = (
+        "Distances are relative to the norm of the round's honest mean update."
+        " The crafted update's distance is the attack's own, before any rule.\n"
+    )
+    lines = [
+        f"### {scenario}: aggregate update against the honest mean, over attacked rounds\n",
+        note,
+        "| aggregator | attack | crafted update distance | aggregate distance (mean) | aggregate distance (max) | cosine (mean) | cosine (min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in attacked:
+        lines.append(
+            f"| {run.strategy} | {_run_attack(run)} | "
+            + " | ".join(_deviation_cells(run))
+            + " |"
+        )
+    lines.append("")
+    return lines
+
+
+def _deviation_cells(run: RunResult) -> list[str]:
+    norms = {
+        n: d["honest_mean_norm"]
+        for n, d in run.deviations.items()
+        if d["honest_mean_norm"] > 0
+    }
+    relative = [run.deviations[n]["distance"] / norm for n, norm in norms.items()]
+    injected = [
+        run.injected[n] / norm for n, norm in norms.items() if n in run.injected
+    ]
+    cosines = [
+        d["cosine"] for d in run.deviations.values() if not math.isnan(d["cosine"])
+    ]
+    return [
+        _mean_text(injected),
+        _mean_text(relative),
+        f"{max(relative):.2f}" if relative else "-",
+        _mean_text(cosines),
+        f"{min(cosines):.2f}" if cosines else "-",
+    ]
+
+
+def _mean_text(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.2f}" if values else "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, read the runs and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -211,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--out", type=Path, help="Markdown file to write; default standard output"
+    )
+    parser.add_argument(
+        "--per-round",
+        metavar="METRICS",
+        help="comma-separated metrics (server evaluation names or train_loss) to tabulate after every round",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -224,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     text = render(runs)
+    if args.per_round:
+        text += "\n" + render_rounds(runs, [m for m in args.per_round.split(",") if m])
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")
         logger.info("Wrote %d runs to %s", len(runs), args.out)
