@@ -24,6 +24,7 @@ from clients.encrypted import state_hash
 from provenance import run_state
 from provenance.versions import VersionIndex, new_version
 from server.model_store import write_batch
+from strategies.dropouts import NO_REPLY_EVENT, find_dropouts
 from strategies.he_fedavg import batch_digest
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class RunCheckpoint(Strategy):
         self.version = start_version
         self.model_hash = start_hash
         self.model_file = ""
+        # The messages of the current phase; the grid fills in their ids when it sends them.
+        self._sent: dict[str, list[Message]] = {}
         (self.run_dir / "models").mkdir(parents=True, exist_ok=True)
 
     def summary(self) -> None:
@@ -89,6 +92,7 @@ class RunCheckpoint(Strategy):
         """Delegate with the true round number and audit which nodes were sampled."""
         true_round = server_round + self.round_offset
         messages = list(self.strategy.configure_train(true_round, arrays, config, grid))
+        self._sent["train"] = messages
         if self.audit is not None:
             sampled = sorted(message.metadata.dst_node_id for message in messages)
             self.audit.append("round_start", round=true_round, sampled=sampled, base_version=self.version, base_hash=self.model_hash)
@@ -97,6 +101,8 @@ class RunCheckpoint(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Delegate, then store a promoted model as a new version."""
         true_round = server_round + self.round_offset
+        replies = list(replies)
+        self._record_dropouts("train", true_round, replies)
         arrays, metrics = self.strategy.aggregate_train(true_round, replies)
         encrypted = self._encrypted_layer()
         if encrypted is not None and encrypted.version_round == true_round:
@@ -109,11 +115,15 @@ class RunCheckpoint(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Delegate with the true round number."""
-        return self.strategy.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        messages = list(self.strategy.configure_evaluate(server_round + self.round_offset, arrays, config, grid))
+        self._sent["evaluate"] = messages
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Delegate, attach the metrics to the current version, then commit the round."""
         true_round = server_round + self.round_offset
+        replies = list(replies)
+        self._record_dropouts("evaluate", true_round, replies)
         metrics = self.strategy.aggregate_evaluate(true_round, replies)
         values = {key: float(value) for key, value in (metrics or {}).items()}
         if self.versions is not None and self.version > 0 and values:
@@ -122,6 +132,13 @@ class RunCheckpoint(Strategy):
             self.audit.append("evaluation", round=true_round, version=self.version, metrics={k: v for k, v in values.items() if v == v})
         self._commit(true_round)
         return metrics
+
+    def _record_dropouts(self, phase: str, server_round: int, replies: list[Message]) -> None:
+        """Log and audit each sampled node that sent no reply of its own in this phase."""
+        for dropout in find_dropouts(self._sent.pop(phase, []), replies):
+            logger.warning("Round %d %s: node %d did not reply (%s)", server_round, phase, dropout.node_id, dropout.reason)
+            if self.audit is not None:
+                self.audit.append(NO_REPLY_EVENT, round=server_round, phase=phase, node_id=dropout.node_id, reason=dropout.reason)
 
     # --- versions and commits -------------------------------------------------
 
