@@ -28,9 +28,11 @@ from typing import Any
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
+from privacy.clipping import ClippedSumDPOptimizer, LinearClipper, unsupported_modules
 from privacy.ledger import (
     ACCOUNTANTS,
     PrivacyBudgetExhausted,
@@ -48,6 +50,10 @@ EPSILON_TOLERANCE = 0.01
 # Relative slack of the budget check, so that the calibrated last round, whose
 # epsilon equals the target up to rounding, is not declined.
 BUDGET_SLACK = 1e-9
+
+# Values of DPSGDSettings.per_example_clipping. ``auto`` takes ``linear`` for
+# models whose trainable parameters all belong to nn.Linear layers, else ``opacus``.
+CLIPPING_MODES = ("auto", "linear", "opacus")
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,14 @@ class DPSGDSettings:
         Seed of the noise and of the Poisson sampling. None draws fresh
         seeds from the operating system. A fixed seed is for experiments
         only, because whoever knows it can subtract the noise.
+    per_example_clipping : str
+        How per-example gradients are clipped: ``linear``
+        (``privacy.clipping.LinearClipper``, no per-example gradients
+        stored, only for models made of ``nn.Linear`` layers), ``opacus``
+        (Opacus's per-example gradient hooks, any model that passes
+        ``check_model``) or ``auto`` (``linear`` where it applies). Both
+        clip each example's gradient to ``max_grad_norm`` and add the same
+        noise, so the privacy guarantee and the accounting do not depend on it.
     """
 
     max_grad_norm: float = 1.0
@@ -99,6 +113,7 @@ class DPSGDSettings:
     run_key: str = "run"
     state_dir: str | None = None
     noise_seed: int | None = None
+    per_example_clipping: str = "auto"
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -123,6 +138,11 @@ class DPSGDSettings:
             ("batch_size", self.batch_size is None or self.batch_size >= 1, ">= 1"),
             ("rounds", self.rounds >= 1, ">= 1"),
             ("accountant", self.accountant in ACCOUNTANTS, f"one of {ACCOUNTANTS}"),
+            (
+                "per_example_clipping",
+                self.per_example_clipping in CLIPPING_MODES,
+                f"one of {CLIPPING_MODES}",
+            ),
         ]
         for key, valid, allowed in checks:
             if not valid:
@@ -211,6 +231,33 @@ def check_model(model: torch.nn.Module) -> None:
         )
 
 
+def resolve_clipping(mode: str, model: torch.nn.Module) -> str:
+    """Return the per-example clipping mode for ``model``: ``linear`` or ``opacus``.
+
+    ``auto`` takes ``linear`` when every trainable parameter belongs to an
+    ``nn.Linear`` layer, because it skips Opacus's per-example gradients.
+
+    Raises
+    ------
+    ValueError
+        If ``mode`` is ``linear`` and ``model`` has other trainable layers,
+        or ``mode`` is not one of ``CLIPPING_MODES``.
+    """
+    if mode not in CLIPPING_MODES:
+        raise ValueError(
+            f"Invalid setting privacy.per_example_clipping={mode!r}: it must be one of {CLIPPING_MODES}."
+        )
+    unsupported = unsupported_modules(model)
+    if mode == "auto":
+        return "opacus" if unsupported else "linear"
+    if mode == "linear" and unsupported:
+        raise ValueError(
+            f"{type(model).__name__} has trainable parameters outside nn.Linear: {', '.join(unsupported)}. "
+            "Linear per-example clipping cannot clip them; set privacy.per_example_clipping=opacus or auto."
+        )
+    return mode
+
+
 def _batch_size(batch: Any) -> int:
     first = batch[0] if isinstance(batch, (tuple, list)) else batch
     return int(first.shape[0])
@@ -294,26 +341,60 @@ class PrivateTrainer:
 
         self.engine = PrivacyEngine(accountant=settings.accountant)
         optimizer = scenario.optimizer(self.model.parameters(), train.lr)
-        self.module, self.optimizer, self.loader = self.engine.make_private(
-            module=self.model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=settings.max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=self.noise_generator,
-        )
+        self.clipping = resolve_clipping(settings.per_example_clipping, self.model)
+        self.clipper: LinearClipper | None = None
+        if self.clipping == "linear":
+            self._attach_linear(optimizer, loader)
+        else:
+            self._attach_opacus(optimizer, loader)
         self.steps_per_epoch = len(self.loader)
         self.sample_rate = self.loader.sample_rate
         logger.info(
-            "Node %d: DP-SGD on %d units, expected batch %d, sampling rate %.5f, noise multiplier %.4f, clipping %.3g, delta %.3g",
+            "Node %d: DP-SGD on %d units, expected batch %d, sampling rate %.5f, noise multiplier %.4f, "
+            "clipping %.3g (%s), delta %.3g",
             partition_id,
             self.num_units,
             batch_size,
             self.sample_rate,
             self.noise_multiplier,
             settings.max_grad_norm,
+            self.clipping,
             self.delta,
+        )
+
+    def _attach_opacus(
+        self, optimizer: torch.optim.Optimizer, loader: DataLoader
+    ) -> None:
+        self.module, self.optimizer, self.loader = self.engine.make_private(
+            module=self.model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.settings.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=self.noise_generator,
+        )
+
+    def _attach_linear(
+        self, optimizer: torch.optim.Optimizer, loader: DataLoader
+    ) -> None:
+        # The same Poisson loader, noise, averaging and accountant hook as
+        # PrivacyEngine.make_private in Opacus 1.6, around LinearClipper in
+        # place of the per-example gradient hooks.
+        self.clipper = LinearClipper(self.model, self.settings.max_grad_norm)
+        self.module = self.model
+        self.loader = DPDataLoader.from_data_loader(loader)
+        sample_rate = 1 / len(self.loader)
+        self.optimizer = ClippedSumDPOptimizer(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.settings.max_grad_norm,
+            expected_batch_size=int(len(self.loader.dataset) * sample_rate),
+            loss_reduction="mean",
+            generator=self.noise_generator,
+        )
+        self.optimizer.attach_step_hook(
+            self.engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate)
         )
 
     def _noise_multiplier(self, loader: DataLoader, epochs: int) -> float:
@@ -370,6 +451,8 @@ class PrivateTrainer:
         self.optimizer.state.clear()
         self.loss_generator.manual_seed(loss_seed)
         self.module.train()
+        if self.clipper is not None:
+            self.clipper.reset()
 
         steps = 0
         empty_batches = 0
@@ -381,14 +464,15 @@ class PrivateTrainer:
                 epoch_losses = []
                 for batch in self.loader:
                     self.optimizer.zero_grad(set_to_none=True)
-                    if _batch_size(batch) == 0:
-                        self._zero_grad_samples()
+                    batch_size = _batch_size(batch)
+                    if batch_size == 0:
+                        self._zero_gradients()
                         empty_batches += 1
                     else:
                         loss = self.scenario.loss(
                             self.module, batch, self.loss_generator
                         )
-                        loss.backward()
+                        self._backward(loss, batch_size)
                         epoch_losses.append(float(loss.detach()))
                     # An empty Poisson batch still takes a noisy step: the accountant assumes every step adds noise.
                     self.optimizer.step()
@@ -408,7 +492,16 @@ class PrivateTrainer:
             "empty_batches": float(empty_batches),
         }
 
-    def _zero_grad_samples(self) -> None:
+    def _backward(self, loss: torch.Tensor, batch_size: int) -> None:
+        if self.clipper is not None:
+            self.clipper.clipped_backward(loss, batch_size)
+        else:
+            loss.backward()
+
+    def _zero_gradients(self) -> None:
+        if self.clipper is not None:
+            self.clipper.zero_grads()
+            return
         for parameter in self.model.parameters():
             if parameter.requires_grad:
                 parameter.grad_sample = torch.zeros(

@@ -296,11 +296,22 @@ def test_client_app_declines_with_error_reply(data_root: Path, tmp_path: Path) -
 # --- the private training loop ------------------------------------------------------
 
 
-def test_twenty_rounds_attach_opacus_once(
-    maintenance_node: NodeData, tmp_path: Path
+def _hook_count(model: torch.nn.Module) -> int:
+    """Count the forward and backward hooks on ``model`` and its submodules."""
+    return sum(
+        len(module._forward_hooks)
+        + len(module._forward_pre_hooks)
+        + len(module._backward_hooks)
+        for module in model.modules()
+    )
+
+
+@pytest.mark.parametrize("clipping", ["linear", "opacus"])
+def test_twenty_rounds_attach_hooks_once(
+    clipping: str, maintenance_node: NodeData, tmp_path: Path
 ) -> None:
     node = _slice(maintenance_node, 100)
-    privacy = _privacy(tmp_path, noise_multiplier=1.0)
+    privacy = _privacy(tmp_path, noise_multiplier=1.0, per_example_clipping=clipping)
     expected_keys = list(_initial_state("maintenance"))
 
     state = _initial_state("maintenance")
@@ -316,10 +327,13 @@ def test_twenty_rounds_attach_opacus_once(
             server_round,
         )
         trainer = next(iter(_trainers()))
-        hooks_per_round.append(len(trainer.module.autograd_grad_sample_hooks))
+        hooks_per_round.append(_hook_count(trainer.model))
         assert list(state) == expected_keys
 
+    assert trainer.clipping == clipping
     assert len(list(_trainers())) == 1
+    # At least one hook per nn.Linear (three in the maintenance MLP), added once.
+    assert hooks_per_round[0] >= 3
     assert len(set(hooks_per_round)) == 1
     assert PrivacyLedger(ledger_path(tmp_path / "0", "test")).steps == 20 * 4
 
