@@ -21,7 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+)
 
 from scenarios.base import NodeData, Scenario, TrainSettings
 
@@ -76,7 +80,9 @@ def concat_splits(splits: list[BinarySplit]) -> BinarySplit:
         The rows of all splits.
     """
     if not splits:
-        raise ValueError("cannot concatenate an empty list of splits; pass at least one split")
+        raise ValueError(
+            "cannot concatenate an empty list of splits; pass at least one split"
+        )
 
     features = torch.cat([split.features for split in splits])
     labels = torch.cat([split.labels for split in splits])
@@ -173,7 +179,9 @@ def f1_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
     return 2.0 * true_positives / denominator
 
 
-def accuracy_at(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> float:
+def accuracy_at(
+    labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5
+) -> float:
     """Compute the accuracy of the rule ``score >= threshold``, or ``nan`` for no rows."""
     labels = np.asarray(labels).astype(bool)
     if labels.size == 0:
@@ -183,7 +191,9 @@ def accuracy_at(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) 
     return float(np.mean(labels == predicted))
 
 
-def best_f1_threshold(labels: np.ndarray, scores: np.ndarray, default: float = 0.5) -> float:
+def best_f1_threshold(
+    labels: np.ndarray, scores: np.ndarray, default: float = 0.5
+) -> float:
     """Find the score threshold that maximises F1 on one split.
 
     Parameters
@@ -212,7 +222,9 @@ def best_f1_threshold(labels: np.ndarray, scores: np.ndarray, default: float = 0
     precision = precision[:-1]
     recall = recall[:-1]
     with np.errstate(divide="ignore", invalid="ignore"):
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        f1 = np.where(
+            precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0
+        )
 
     # thresholds are ascending, so the last maximum is the highest threshold.
     best = len(f1) - 1 - int(np.argmax(f1[::-1]))
@@ -290,9 +302,13 @@ def train_binary(
         )
 
     generator = torch.Generator().manual_seed(settings.seed)
-    weight = None if pos_weight is None else torch.tensor([pos_weight], dtype=torch.float32)
+    weight = (
+        None if pos_weight is None else torch.tensor([pos_weight], dtype=torch.float32)
+    )
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=weight, reduction="sum")
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=SGD_MOMENTUM)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=SGD_MOMENTUM
+    )
 
     model.train()
     epoch_loss = 0.0
@@ -329,7 +345,9 @@ class MLPClassifier(torch.nn.Module):
         Number of hidden layers when ``hidden > 0``.
     """
 
-    def __init__(self, in_features: int, hidden: int = 64, hidden_layers: int = 2) -> None:
+    def __init__(
+        self, in_features: int, hidden: int = 64, hidden_layers: int = 2
+    ) -> None:
         super().__init__()
         if in_features < 1 or hidden < 0 or hidden_layers < 1:
             raise ValueError(
@@ -382,36 +400,64 @@ class BinaryScenario(Scenario):
     def pool(self, nodes: list[NodeData]) -> NodeData:
         """Concatenate the already-normalised splits of ``nodes`` into one ``NodeData`` (node -1)."""
         if not nodes:
-            raise ValueError("cannot pool an empty list of nodes; pass at least one NodeData")
+            raise ValueError(
+                "cannot pool an empty list of nodes; pass at least one NodeData"
+            )
 
-        splits = {name: concat_splits([getattr(node, name) for node in nodes]) for name in SPLIT_NAMES}
+        splits = {
+            name: concat_splits([getattr(node, name) for node in nodes])
+            for name in SPLIT_NAMES
+        }
         info = {"pooled_nodes": [node.node for node in nodes]}
         return NodeData(node=-1, info=info, **splits)
 
-    def fit(self, model: torch.nn.Module, data: NodeData, settings: TrainSettings) -> dict[str, float]:
+    def fit(
+        self, model: torch.nn.Module, data: NodeData, settings: TrainSettings
+    ) -> dict[str, float]:
         """Train ``model`` in place on ``data.train``; see ``train_binary``."""
         return train_binary(model, data.train, settings, pos_weight=self.pos_weight)
 
     def flip_labels(self, data: NodeData) -> NodeData:
         """Return a copy of ``data`` whose training labels are ``1 - y`` (the ``label_flip`` attack)."""
-        flipped = BinarySplit(features=data.train.features, labels=1.0 - data.train.labels)
-        return NodeData(node=data.node, train=flipped, val=data.val, test=data.test, info={**data.info, "labels_flipped": True})
+        flipped = BinarySplit(
+            features=data.train.features, labels=1.0 - data.train.labels
+        )
+        return NodeData(
+            node=data.node,
+            train=flipped,
+            val=data.val,
+            test=data.test,
+            info={**data.info, "labels_flipped": True},
+        )
 
     def training_dataset(self, data: NodeData) -> torch.utils.data.Dataset:
         """Return the training rows for DP-SGD: each row is one privacy unit."""
         return BinaryDataset(data.train)
 
-    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self,
+        model: torch.nn.Module,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
         """Return the mean binary cross-entropy of a ``(features, labels)`` batch, weighted as in ``fit``."""
         features, labels = batch
-        weight = None if self.pos_weight is None else torch.tensor([self.pos_weight], dtype=torch.float32)
-        return torch.nn.functional.binary_cross_entropy_with_logits(model(features).reshape(-1), labels, pos_weight=weight)
+        weight = (
+            None
+            if self.pos_weight is None
+            else torch.tensor([self.pos_weight], dtype=torch.float32)
+        )
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            model(features).reshape(-1), labels, pos_weight=weight
+        )
 
     def optimizer(self, parameters: Any, lr: float) -> torch.optim.Optimizer:
         """Return SGD with momentum, the optimizer of ``fit``, so DP and non-private runs differ only in DP."""
         return torch.optim.SGD(parameters, lr=lr, momentum=SGD_MOMENTUM)
 
-    def evaluate(self, model: torch.nn.Module, data: NodeData, split: str = "test") -> dict[str, float]:
+    def evaluate(
+        self, model: torch.nn.Module, data: NodeData, split: str = "test"
+    ) -> dict[str, float]:
         """Score ``model`` on ``data.<split>`` with the metrics in ``metric_names``.
 
         The F1 threshold is chosen on ``data.val`` (see ``best_f1_threshold``)
@@ -445,7 +491,9 @@ class BinaryScenario(Scenario):
         return len(split)
 
 
-def standardize(train: np.ndarray, *others: np.ndarray, num_columns: int | None = None) -> tuple[np.ndarray, ...]:
+def standardize(
+    train: np.ndarray, *others: np.ndarray, num_columns: int | None = None
+) -> tuple[np.ndarray, ...]:
     """Standardise columns with the mean and standard deviation of ``train`` only.
 
     Parameters
@@ -521,7 +569,10 @@ def make_tabular_node(
     """
     train_rows, val_rows, test_rows = rows
     train_x, val_x, test_x = standardize(
-        features[train_rows], features[val_rows], features[test_rows], num_columns=num_scaled_columns
+        features[train_rows],
+        features[val_rows],
+        features[test_rows],
+        num_columns=num_scaled_columns,
     )
 
     splits = {
