@@ -16,6 +16,7 @@ Ed25519 private key; needed when the server checks update signatures),
 from __future__ import annotations
 
 import logging
+import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -42,6 +43,10 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 NODE_KEY = "node"
+
+# Train-reply metrics with the node's own timings, in seconds.
+TRAIN_SECONDS_KEY = "train_seconds"
+ENCRYPT_SECONDS_KEY = "encrypt_seconds"
 
 app = ClientApp()
 
@@ -120,19 +125,24 @@ def train(msg: Message, context: Context) -> Message:
         secret, state = _encrypted_global(msg, context, spec)
     else:
         state = msg.content[ARRAYS_KEY].to_torch_state_dict()
+    started = time.perf_counter()
     try:
         new_state, metrics = train_node(spec, partition_id, state, server_round, _data_root(context), _state_dir(context))
     except PrivacyBudgetExhausted as declined:
         # An error reply, so every strategy skips this node and the round goes on with the others.
         logger.warning("Node %d declines round %d: %s", partition_id, server_round, declined)
         return Message(Error(code=BUDGET_EXHAUSTED_ERROR_CODE, reason=str(declined)), reply_to=msg)
+    # Wall-clock seconds of local training (data loading included), for the run's cost records.
+    metrics[TRAIN_SECONDS_KEY] = time.perf_counter() - started
     logger.info("Node %d finished training round %d on %d examples", partition_id, server_round, int(metrics["num-examples"]))
     if is_central(spec.privacy) and not _is_encrypted(msg):
         clip_on_node(config, spec.privacy, new_state, state, metrics)
 
     if _is_encrypted(msg):
         weight = metrics["num-examples"] / float(config[DENOMINATOR_KEY])
+        started = time.perf_counter()
         batch = encrypted.encrypt_delta(secret, new_state, state, weight, float(spec.encryption["update_bound"]))
+        metrics[ENCRYPT_SECONDS_KEY] = time.perf_counter() - started
         content = RecordDict({METRICS_KEY: _metric_record(metrics), UPDATE_RECORD: ConfigRecord({BATCH_KEY: batch}), NODE_KEY: node_record})
     else:
         content = RecordDict({ARRAYS_KEY: ArrayRecord(new_state), METRICS_KEY: _metric_record(metrics), NODE_KEY: node_record})

@@ -5,8 +5,12 @@ for the aggregate (``scope: "global"``) and one per node (``scope: "node"``).
 Phases are ``train`` and ``evaluate`` (reported by nodes) and
 ``server_evaluate`` (the global model on the pooled test split, simulation
 only). Robustness events (phases ``validation``, ``attack`` and ``trust``)
-carry an ``event`` key, such as ``reply_dropped``. Lines are flushed as they are written, so a crashed run keeps every
-finished round.
+carry an ``event`` key, such as ``reply_dropped``. Phase ``cost`` lines hold
+each train and evaluate phase's payload bytes and timings. Lines are flushed
+as they are written, so a crashed run keeps every finished round.
+
+Listeners (``add_listener``) receive every record as it is written; the
+experiment trackers in ``tracking/`` consume the run through them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +43,14 @@ class RunLog:
         Rounds planned, for the progress display and ETA.
     primary_metric : str
         The metric shown in the progress line.
+    resume_after : int, optional
+        The last committed round of a resumed run; later records in ``path`` are dropped.
+    quiet : bool
+        Show no progress bar; the progress line is still logged, and quiet
+        mode's console handler (``server.console``) keeps it out of the console.
     """
 
-    def __init__(self, path: Path, num_rounds: int, primary_metric: str, resume_after: int | None = None) -> None:
+    def __init__(self, path: Path, num_rounds: int, primary_metric: str, resume_after: int | None = None, quiet: bool = False) -> None:
         self.path = path
         self.num_rounds = num_rounds
         self.primary_metric = primary_metric
@@ -48,11 +58,12 @@ class RunLog:
         self.server_evaluations: dict[int, dict[str, float]] = {}
         self._answered = ""
         self._started = time.monotonic()
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_after is not None and path.exists():
             self._keep_rounds_up_to(resume_after)
         self._file = path.open("a", encoding="utf-8")
-        self._progress = _Progress(num_rounds)
+        self._progress = _Progress(num_rounds, quiet)
 
     def _keep_rounds_up_to(self, last_round: int) -> None:
         """Drop records of rounds after ``last_round`` (an interrupted round) and reload the rest."""
@@ -74,11 +85,25 @@ class RunLog:
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         logger.info("Resuming %s after round %d (%d records kept)", self.path, last_round, len(kept))
 
+    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(record)`` for every record written from now on.
+
+        A listener that raises is removed with one warning, so a consumer
+        such as an experiment tracker can never stop the run.
+        """
+        self._listeners.append(listener)
+
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record with a timestamp."""
+        """Append one record with a timestamp and pass it to the listeners."""
         record = {"time": round(time.time(), 3), **record}
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
+        for listener in list(self._listeners):
+            try:
+                listener(record)
+            except Exception as error:  # noqa: BLE001 - a consumer must not end the run.
+                logger.warning("Run-log listener %r failed and is removed: %s", listener, error)
+                self._listeners.remove(listener)
 
     def _write_phase(self, phase: str, server_round: int, sampled: int, nodes: dict[int, dict[str, float]], failures: list[str], aggregated: dict[str, float]) -> None:
         self.write(
@@ -130,10 +155,13 @@ class RunLog:
             record["node"] = node
         self.write(record)
 
-    def on_server_evaluate(self, server_round: int, metrics: dict[str, float]) -> None:
-        """Record the global model's score on the pooled test split."""
+    def on_server_evaluate(self, server_round: int, metrics: dict[str, float], seconds: float | None = None) -> None:
+        """Record the global model's score on the pooled test split and, if given, how long scoring took."""
         self.server_evaluations[server_round] = metrics
-        self.write({"phase": "server_evaluate", "round": server_round, "scope": "global", "metrics": _json_safe(metrics)})
+        record: dict[str, Any] = {"phase": "server_evaluate", "round": server_round, "scope": "global", "metrics": _json_safe(metrics)}
+        if seconds is not None:
+            record["seconds"] = round(seconds, 4)
+        self.write(record)
         self._show(server_round, metrics.get(self.primary_metric), "pooled test")
 
     def _show(self, server_round: int, value: float | None, source: str) -> None:
@@ -153,11 +181,11 @@ class RunLog:
 
 
 class _Progress:
-    """A rich progress bar on a terminal, one log line per round otherwise."""
+    """A rich progress bar on a terminal unless quiet, one log line per round otherwise."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, quiet: bool = False) -> None:
         self._bar = None
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and not quiet:
             from rich.progress import BarColumn, Progress, TextColumn
 
             self._bar = Progress(TextColumn("[bold]federated"), BarColumn(), TextColumn("{task.description}"), transient=False)

@@ -5,13 +5,15 @@ order, so the wrapper sorts replies by the partition id each node reports
 before the inner strategy aggregates them. That makes a seeded run repeat
 bit for bit. It also hands every node's metrics to a ``RoundSink`` (the run's
 ``metrics.jsonl`` and progress display), which Flower's strategies only log in
-aggregated form.
+aggregated form, and reports what each phase cost: payload bytes sent and
+received, the wait for replies, and the time the inner stack took to aggregate.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -24,6 +26,9 @@ logger = logging.getLogger(__name__)
 # Reply record (a ConfigRecord) in which a node names its partition.
 NODE_KEY = "node"
 METRICS_KEY = "metrics"
+
+# Phase of the run-log lines that carry a round's payload bytes and timings.
+COST_PHASE = "cost"
 
 
 class RoundSink(Protocol):
@@ -49,6 +54,8 @@ class RecordingStrategy(Strategy):
         self.strategy = strategy
         self.sink = sink
         self._sampled: dict[str, int] = {}
+        self._bytes_sent: dict[str, int] = {}
+        self._sent_at: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"RecordingStrategy({self.strategy!r})"
@@ -61,32 +68,64 @@ class RecordingStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Delegate to the inner strategy and remember how many nodes were sampled."""
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        self._sampled["train"] = len(messages)
+        self._configured("train", messages)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sort replies, aggregate with the inner strategy, then report."""
+        received = time.monotonic()
         ordered = order_replies(replies)
         arrays, metrics = self.strategy.aggregate_train(server_round, ordered)
+        aggregated = time.monotonic()
 
         nodes, failures = per_node_metrics(ordered)
         self.sink.on_train(server_round, self._sampled.get("train", len(ordered)), nodes, failures, _as_dict(metrics))
+        self._report_cost("train", server_round, ordered, received, aggregated)
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Delegate to the inner strategy and remember how many nodes were sampled."""
         messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
-        self._sampled["evaluate"] = len(messages)
+        self._configured("evaluate", messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Sort replies, aggregate with the inner strategy, then report."""
+        received = time.monotonic()
         ordered = order_replies(replies)
         metrics = self.strategy.aggregate_evaluate(server_round, ordered)
+        aggregated = time.monotonic()
 
         nodes, failures = per_node_metrics(ordered)
         self.sink.on_evaluate(server_round, self._sampled.get("evaluate", len(ordered)), nodes, failures, _as_dict(metrics))
+        self._report_cost("evaluate", server_round, ordered, received, aggregated)
         return metrics
+
+    def _configured(self, phase: str, messages: list[Message]) -> None:
+        self._sampled[phase] = len(messages)
+        self._bytes_sent[phase] = sum(payload_bytes(message) for message in messages)
+        self._sent_at[phase] = time.monotonic()
+
+    def _report_cost(self, phase: str, server_round: int, replies: list[Message], received: float, aggregated: float) -> None:
+        """Send the phase's payload bytes and timings to the sink as one ``cost`` line.
+
+        ``wait_s`` runs from the end of ``configure_*`` to the arrival of the
+        replies, so it holds the nodes' work and the transport. ``aggregate_s``
+        is everything the inner stack does with the replies: signature checks,
+        validation, the rule itself and, with canary promotion, the canary
+        nodes' evaluation exchange.
+        """
+        if not hasattr(self.sink, "record_event"):
+            return
+        self.sink.record_event(
+            COST_PHASE,
+            server_round,
+            phase,
+            bytes_sent=self._bytes_sent.get(phase, 0),
+            bytes_received=sum(payload_bytes(reply) for reply in replies),
+            wait_s=round(received - self._sent_at.get(phase, received), 4),
+            aggregate_s=round(aggregated - received, 4),
+        )
 
 
 def partition_of(message: Message) -> int | None:
@@ -94,6 +133,17 @@ def partition_of(message: Message) -> int | None:
     if message.has_error() or NODE_KEY not in message.content.config_records:
         return None
     return int(message.content.config_records[NODE_KEY]["partition-id"])
+
+
+def payload_bytes(message: Message) -> int:
+    """Return the bytes of a message's records as Flower counts them (``count_bytes``).
+
+    This is the payload, not the wire size: serialization framing and, for
+    error replies, the error text are left out.
+    """
+    if message.has_error():
+        return 0
+    return sum(record.count_bytes() for record in message.content.values())
 
 
 def order_replies(replies: Iterable[Message]) -> list[Message]:
