@@ -6,10 +6,14 @@
 2. Run the strategy stack for ``rounds`` rounds through the Flower grid.
 3. Save the final model checkpoint.
 4. Train the baselines (when the server can see the data) and write the summary.
+
+The experiment tracker (``tracking``) follows the run through the run log
+and receives the summary and the final model at the end.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -37,6 +41,7 @@ from server.summary import mean_metrics, node_gains, print_table, write_summary
 from strategies.factory import build_strategy
 from strategies.factory import RunResources, innermost
 from strategies.signatures import setup_signatures
+from tracking import open_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +62,10 @@ def _pooled_evaluator(spec: TaskSpec, run_log: RunLog, round_offset: int = 0):
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if round_offset and server_round == 0:
             return None
+        started = time.monotonic()
         model = build_model(scenario, spec.train.seed, arrays.to_torch_state_dict())
         metrics = evaluate_model(scenario, model, pooled)
-        run_log.on_server_evaluate(server_round + round_offset, metrics)
+        run_log.on_server_evaluate(server_round + round_offset, metrics, seconds=time.monotonic() - started)
         return MetricRecord(metrics)
 
     return evaluate
@@ -88,8 +94,18 @@ def _restore(strategy: Any, previous: run_state.RunState | None, run_dir: Path, 
 def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run federated training as configured by ``cfg``; write outputs to ``run_dir``.
 
-    Returns the summary that is also written to ``run_dir/summary.json``.
+    Returns the summary that is also written to ``run_dir/summary.json``. The
+    tracker's run is closed as failed when training raises.
     """
+    tracker = open_tracker(cfg, run_dir)
+    try:
+        return _run_federation(grid, cfg, run_dir, tracker)
+    except BaseException:
+        tracker.finish(None, None)
+        raise
+
+
+def _run_federation(grid: Grid, cfg: DictConfig, run_dir: Path, tracker: Any) -> dict[str, Any]:
     started = time.monotonic()
     validate_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +154,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     spec = setup_signatures(cfg, spec, resources, run_dir)
     resources.task = ConfigRecord({TASK_KEY: spec.to_json()})
 
-    run_log = RunLog(run_dir / "metrics.jsonl", num_rounds, scenario.primary_metric, resume_after=resources.round_offset if previous else None)
+    run_log = RunLog(run_dir / "metrics.jsonl", num_rounds, scenario.primary_metric, resume_after=resources.round_offset if previous else None, quiet=bool(cfg.get("quiet", False)))
+    # TODO: a resumed run starts a new tracker run; the rounds before the restart stay in the first one.
+    tracker.attach(run_log, list(scenario.metric_names))
     # The trust strategy trains on the spec's holdout rows and reports to the run log.
     resources.extra.update(spec=spec, sink=run_log)
     strategy = build_strategy(cfg, run_log, resources)
@@ -176,11 +194,13 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     summary = _summarize(cfg, spec, run_log, final_state, num_rounds)
     summary["checkpoint"] = ENCRYPTED_CHECKPOINT_NAME if encrypted else CHECKPOINT_NAME
     summary["seconds"] = {"federated": round(federated_seconds, 2), "total": round(time.monotonic() - started, 2)}
+    summary["parameters"] = int(sum(tensor.numel() for tensor in initial.state_dict().values() if tensor.is_floating_point()))
     summary["attack"] = spec.attack or {"name": "none", "fraction": 0.0, "attackers": []}
     privacy = privacy_summary(strategy)
     if privacy is not None:
         summary["privacy"] = privacy
     write_summary(run_dir / "summary.json", summary)
+    tracker.finish(json.loads((run_dir / "summary.json").read_text(encoding="utf-8")), run_dir / summary["checkpoint"])
     print_table(summary)
     logger.info("Run finished in %.1f s; summary in %s", time.monotonic() - started, run_dir / "summary.json")
     return summary
