@@ -21,6 +21,7 @@ import math
 import secrets
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,23 @@ def _batch_size(batch: Any) -> int:
     return int(first.shape[0])
 
 
+def _poisson_batches(loader: DataLoader) -> Iterator[Any]:
+    """Yield the batches of Opacus's Poisson ``loader``.
+
+    For a dataset with ``__getitems__`` (which collates its own batches)
+    the index lists come straight from the loader's batch sampler, the
+    same draws from the same generator, without the DataLoader iterator's
+    per-batch overhead, which took a quarter to a third of the loader's time
+    on fraud batches of 256 rows.
+    """
+    dataset = loader.dataset
+    if not hasattr(dataset, "__getitems__"):
+        yield from loader
+        return
+    for indices in loader.batch_sampler:
+        yield dataset.__getitems__(indices)
+
+
 def _collated(batch: Any) -> Any:
     # Datasets with ``__getitems__`` return an already collated batch.
     return batch
@@ -462,7 +480,7 @@ class PrivateTrainer:
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(epochs):
                 epoch_losses = []
-                for batch in self.loader:
+                for batch in _poisson_batches(self.loader):
                     self.optimizer.zero_grad(set_to_none=True)
                     batch_size = _batch_size(batch)
                     if batch_size == 0:

@@ -107,8 +107,13 @@ class BinaryDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the features and labels of the rows at ``indices``; an empty list gives zero rows."""
-        rows = torch.as_tensor(indices, dtype=torch.long)
-        return self.split.features[rows], self.split.labels[rows]
+        # numpy converts a list of ints several times faster than torch.as_tensor,
+        # and index_select is faster than advanced indexing (measured on fraud
+        # batches of 256 rows, torch 2.13 on CPU). The loader calls this every step.
+        rows = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        features = self.split.features.index_select(0, rows)
+        labels = self.split.labels.index_select(0, rows)
+        return features, labels
 
 
 # --------------------------------------------------------------------------- metrics
