@@ -215,7 +215,9 @@ class AttackSimulation(Strategy):
     def _poison(self, server_round: int, replies: list[Message]) -> np.ndarray | None:
         """Replace the attackers' arrays in ``replies`` and return the honest updates.
 
-        Returns None when the round has no attacker reply or no honest reply.
+        A round without an attacker reply changes nothing but still returns the
+        honest updates, so that ``attack.fraction=0`` measures a rule's own
+        distance from the honest mean. Returns None when no reply is honest.
         """
         usable = [
             reply
@@ -223,12 +225,18 @@ class AttackSimulation(Strategy):
             if not reply.has_error() and reply.content.array_records
         ]
         malicious = [reply for reply in usable if partition_of(reply) in self.attackers]
-        if not malicious:
-            return None
-
         honest = [
             reply for reply in usable if partition_of(reply) not in self.attackers
         ]
+        if not malicious:
+            return (
+                np.stack(
+                    [flat_update(reply_arrays(reply), self._global) for reply in honest]
+                )
+                if honest
+                else None
+            )
+
         honest_updates = (
             np.stack(
                 [flat_update(reply_arrays(reply), self._global) for reply in honest]

@@ -423,20 +423,23 @@ def test_simulation_reports_aggregate_deviation() -> None:
     assert deviation["cosine"] == pytest.approx(1.0)
 
 
-def test_simulation_without_attacker_reports_nothing() -> None:
+def test_simulation_without_attacker_measures_rule() -> None:
     global_value = np.zeros(2)
     global_arrays, replies = _round(
         global_value, {0: np.array([1.0, 1.0]), 1: np.array([0.5, -2.0])}
     )
     sink = EventSink()
+    inner = MeanStrategy()
     wrapper = AttackSimulation(
-        MeanStrategy(),
-        AttackSettings(name="alie", fraction=0.2),
-        attackers=[7],
-        sink=sink,
+        inner, AttackSettings(name="alie", fraction=0.0), attackers=[], sink=sink
     )
 
     wrapper.configure_train(1, global_arrays, None, None)
     wrapper.aggregate_train(1, replies)
 
-    assert sink.events == []
+    # No reply is replaced, and the mean rule lands on the honest mean (0.75, -0.5).
+    np.testing.assert_allclose(reply_arrays(inner.replies[1])["w"], [0.5, -2.0])
+    assert [event["event"] for event in sink.events] == ["aggregate_deviation"]
+    assert sink.events[0]["distance"] == pytest.approx(0.0, abs=1e-6)
+    assert sink.events[0]["honest_mean_norm"] == pytest.approx(np.hypot(0.75, 0.5))
+    assert sink.events[0]["cosine"] == pytest.approx(1.0)
