@@ -13,9 +13,9 @@ paths in the node config (``flower-supernode --node-config``):
     the model cache below. It is created when missing.
 
 ``ModelCache`` keeps the last global model this site decrypted, keyed by the
-hash of the encrypted version, so the evaluate message of a round does not
-decrypt the model that the train message already decrypted, and a site keeps
-its latest plaintext model across SuperNode restarts.
+hash of the encrypted version. So the evaluate message of a round reuses the
+model that its train message decrypted, and a site keeps its latest plaintext
+model across SuperNode restarts.
 """
 
 from __future__ import annotations

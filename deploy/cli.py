@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # Overrides the launcher sets itself, because it provisions the keys.
 RESERVED_OVERRIDES = ("security.keys_dir", "provenance.keys_dir", "provenance.registry_url")
-# Defaults for a deployment, where the server holds no data; the user may override them.
+# Defaults for a deployment, because its server has no data. The user may override them.
 DEPLOY_DEFAULTS = {"evaluate.server_side": "false", "baselines": "false"}
 LAST_RUN_FILE = "last-run.json"
 
@@ -85,6 +86,9 @@ def split_overrides(overrides: list[str], num_nodes: int) -> tuple[dict[str, str
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    # Ignore further signals, so a second Ctrl-C cannot cut the teardown short.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise DeployInterrupted(signal.Signals(signum).name)
 
 
@@ -157,7 +161,8 @@ def _run(args: argparse.Namespace, cfg, groups: dict[str, str], overrides: list[
     except DeployInterrupted as signal_name:
         print(f"Interrupted by {signal_name}; every process was stopped.", file=sys.stderr)
         return 130
-    except (RuntimeError, OSError) as error:
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        logger.error("Deployment failed: %s", error)
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -55,7 +55,7 @@ def port_open(port: int) -> bool:
 
 @dataclass
 class RunOutcome:
-    """How a run ended.
+    """The end state of a submitted run.
 
     Parameters
     ----------

@@ -42,7 +42,7 @@ NODE_COUNT_FILE = "nodes.txt"
 
 @dataclass(frozen=True)
 class NodeFiles:
-    """What one site holds.
+    """The files of one site.
 
     Parameters
     ----------
@@ -231,11 +231,11 @@ def _check_existing(layout: Layout, preset: str) -> None:
     count_file = dealer / NODE_COUNT_FILE
     existing_nodes = int(count_file.read_text(encoding="utf-8")) if count_file.exists() else -1
     if existing_nodes != layout.num_nodes:
-        raise ValueError(f"{layout.root} holds keys for {existing_nodes} nodes, not {layout.num_nodes}; pass --nodes {existing_nodes} or a new --state-dir.")
+        raise ValueError(f"{layout.root} contains keys for {existing_nodes} nodes, not {layout.num_nodes}; pass --nodes {existing_nodes} or a new --state-dir.")
 
     existing_preset = ckks.read_public_context(dealer / SERVER_DIR).preset.name
     if existing_preset != preset:
-        raise ValueError(f"{layout.root} holds a CKKS key for preset {existing_preset}, not {preset}; pass security={existing_preset} or a new --state-dir.")
+        raise ValueError(f"{layout.root} contains a CKKS key for preset {existing_preset}, not {preset}; pass security={existing_preset} or a new --state-dir.")
 
     if layout.tls and not (dealer / pki.TLS_DIR / pki.SERVER_KEY).exists():
         raise ValueError(f"{layout.root} was provisioned with --insecure and has no TLS material; pass --insecure again or a new --state-dir.")

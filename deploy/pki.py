@@ -4,7 +4,7 @@ Files written by ``init_tls`` under ``out_dir/tls/``:
 
 ``ca.crt``, ``ca.key``
     The federation's certificate authority. Every party gets ``ca.crt``; keep
-    ``ca.key`` (mode 0600) offline, with whoever issues certificates.
+    ``ca.key`` (mode 0600) offline, with the operator who issues certificates.
 ``server.pem``, ``server.key``
     The SuperLink's certificate, signed by the CA, with a subjectAltName for
     each host the SuperNodes and the ``flwr`` CLI dial (127.0.0.1 and localhost

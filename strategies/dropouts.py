@@ -4,7 +4,7 @@ A node can miss a round in two ways under Flower 1.42:
 
 - no reply arrives before the round's timeout (``runtime.timeout_s``); the
   grid then simply returns fewer replies;
-- the SuperLink answers in the node's place with an error reply (sender
+- the SuperLink replies in the node's place with an error reply (sender
   ``SUPERLINK_NODE_ID``), e.g. "Node Unavailable" once the node has missed
   its heartbeats, which is how a crashed SuperNode shows up.
 

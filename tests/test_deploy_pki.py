@@ -146,7 +146,7 @@ def test_layout_reuse_checks_node_count(tmp_path: Path) -> None:
 
     again = provision(tmp_path / "state", 2, "compact", tls=True)
     assert (again.server_keys / "fingerprint.txt").read_text() == fingerprint
-    with pytest.raises(ValueError, match="keys for 2 nodes, not 3"):
+    with pytest.raises(ValueError, match="contains keys for 2 nodes, not 3"):
         provision(tmp_path / "state", 3, "compact", tls=True)
     with pytest.raises(ValueError, match="preset compact, not tenseal_default"):
         provision(tmp_path / "state", 2, "tenseal_default", tls=True)
