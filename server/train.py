@@ -2,12 +2,12 @@
 
     fedseal-train scenario=maintenance rounds=5
     fedseal-train -m scenario=fraud,maintenance
+    fedseal-train -m +sweep=robustness
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -22,11 +22,11 @@ logger = logging.getLogger(__name__)
 # an editable install does not provide for the top-level conf/ folder.
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Run one federated job on the Ray simulation runtime."""
+    """Run one federated job on the Ray simulation runtime (a failed multirun job does not end the sweep)."""
     keep_local()
-    from server.simulation import run_in_simulation
+    from server.jobs import run_job
 
-    run_in_simulation(cfg, Path(cfg.output_dir))
+    run_job(cfg)
 
 
 if __name__ == "__main__":
