@@ -183,9 +183,16 @@ def global_state(
             raise UpdateBoundError(
                 f"The global model has drifted {largest:.4g} from the initial model; with "
                 f"security.update_bound={update_bound} the next sum could exceed the {secret.preset.name} "
-                f"preset's limit of {limit:.4g} and wrap around. Use security=tenseal_default or lower the bound."
+                f"preset's limit of {limit:.4g} and wrap around. Use a preset with more headroom "
+                f"({_wider_presets(secret.preset)}) or lower the bound."
             )
     return unflatten(base + drift, initial)
+
+
+def _wider_presets(preset: ckks.Preset) -> str:
+    """Name the presets whose headroom exceeds ``preset``'s, as Hydra overrides."""
+    wider = [p.name for p in ckks.PRESETS.values() if p.headroom() > preset.headroom()]
+    return ", ".join(f"security={name}" for name in sorted(wider)) or "none is registered"
 
 
 def encrypt_delta(

@@ -33,7 +33,7 @@ SERVER_DIR = "server"
 NODE_DIR = "node"
 
 
-def init_ckks_keys(out_dir: Path, preset: str = "compact", overwrite: bool = False) -> str:
+def init_ckks_keys(out_dir: Path, preset: str = ckks.DEFAULT_PRESET, overwrite: bool = False) -> str:
     """Create a federation's CKKS material under ``out_dir``; return the fingerprint.
 
     Raises

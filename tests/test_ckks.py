@@ -28,6 +28,11 @@ def compact() -> ckks.SecretContext:
 
 
 @pytest.fixture(scope="module")
+def compact_wide() -> ckks.SecretContext:
+    return ckks.generate_context("compact_wide")
+
+
+@pytest.fixture(scope="module")
 def tenseal_default() -> ckks.SecretContext:
     return ckks.generate_context("tenseal_default")
 
@@ -57,7 +62,7 @@ def payload_of(chunk: bytes) -> bytes:
 # --- Round trip ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["compact", "tenseal_default"])
+@pytest.mark.parametrize("preset", ["compact", "compact_wide", "tenseal_default"])
 def test_round_trip_weighted_sum(preset: str, request: pytest.FixtureRequest) -> None:
     # Prepare: 10,000 values span several ciphertexts of either preset.
     secret = request.getfixturevalue(preset)
@@ -138,7 +143,7 @@ def test_seeded_upload_is_half_of_aggregate(compact: ckks.SecretContext) -> None
 # --- Public material cannot decrypt -------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["compact", "tenseal_default"])
+@pytest.mark.parametrize("preset", ["compact", "compact_wide", "tenseal_default"])
 def test_public_context_cannot_decrypt(preset: str, request: pytest.FixtureRequest) -> None:
     secret = request.getfixturevalue(preset)
     public = ckks.PublicContext.from_bytes(secret.public.serialize())
@@ -467,7 +472,29 @@ def test_preflight_rejects_wrap_and_names_bound() -> None:
     assert "sum(weights) * norm_bound = 1 * 3 = 3" in reason
     assert "headroom q/(2*scale) = 4" in reason
     assert "lower norm_bound to <= 1.41421" in reason
-    assert "'tenseal_default'" in reason
+    assert "'compact_wide' (headroom 512), 'tenseal_default' (headroom 6.338e+29)" in reason
+
+
+def test_compact_wide_holds_large_updates() -> None:
+    # Fraud's default SGD step moves some weights by more than 3 in one round.
+    report = ckks.preflight("compact_wide", num_nodes=10, norm_bound=8.0, weights=[0.1] * 10)
+
+    assert report.headroom == pytest.approx(512.0, rel=1e-6)
+    assert report.predicted_relative_error < 1e-6
+    with pytest.raises(ckks.PreflightError, match="could wrap around"):
+        ckks.preflight("compact", num_nodes=10, norm_bound=8.0, weights=[0.1] * 10)
+    assert ckks.preflight("compact_wide", num_nodes=1000, norm_bound=8.0).predicted_relative_error < 1e-5
+
+
+def test_compact_wide_sums_beyond_compact_headroom(compact_wide) -> None:
+    # Six nodes with weight 1 and coordinates 1.0 sum to 6: compact wraps, compact_wide does not.
+    update = np.full(4096, 1.0)
+
+    batches = [ckks.encrypt_update(compact_wide, update, 1.0) for _ in range(6)]
+    result = ckks.aggregate_batches(batches, compact_wide.public, 4096)
+    total = ckks.decrypt_sum(compact_wide, result.batch, 4096)
+
+    assert np.max(np.abs(total - 6.0)) < 1e-6
 
 
 def test_preflight_rejects_unnormalised_weights() -> None:

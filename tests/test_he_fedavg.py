@@ -192,5 +192,6 @@ def test_drift_near_limit_stops_training(secret) -> None:
     batch = ckks.aggregate_batches([ckks.encrypt_update(secret, drift, 1.0)], secret.public, LENGTH).batch
 
     assert global_state(secret, initial, batch, update_bound=0.05)["w"][0] == pytest.approx(0.9 * limit, rel=1e-5)
-    with pytest.raises(UpdateBoundError, match="could exceed the compact preset's limit"):
+    with pytest.raises(UpdateBoundError, match="could exceed the compact preset's limit") as caught:
         global_state(secret, initial, batch, update_bound=0.5)
+    assert "(security=compact_wide, security=tenseal_default)" in str(caught.value)

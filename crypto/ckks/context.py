@@ -262,7 +262,7 @@ def generate_context(preset: str | Preset = DEFAULT_PRESET) -> SecretContext:
 
     Parameters
     ----------
-    preset : str or Preset, default "compact"
+    preset : str or Preset, default "compact_wide"
         Name or instance of a registered preset, see `crypto.ckks.params`.
 
     Returns
