@@ -296,14 +296,14 @@ def _deviation_table(scenario: str, runs: list[RunResult]) -> list[str]:
     if not attacked:
         return []
     note = (
-        "Distances are relative to the norm of the round's honest mean update."
-        " The crafted update's distance is the attack's own, before any rule.\n"
+        "Distances and norms are relative to the norm of the round's honest mean"
+        " update. The crafted update's distance is the attack's own, before any rule.\n"
     )
     lines = [
         f"### {scenario}: aggregate update against the honest mean, over attacked rounds\n",
         note,
-        "| aggregator | attack | crafted update distance | aggregate distance (mean) | aggregate distance (max) | cosine (mean) | cosine (min) |",
-        "|---|---|---|---|---|---|---|",
+        "| aggregator | attack | crafted update distance | aggregate distance (mean) | aggregate distance (max) | aggregate norm (mean) | cosine (mean) | cosine (min) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in attacked:
         lines.append(
@@ -325,6 +325,7 @@ def _deviation_cells(run: RunResult) -> list[str]:
     injected = [
         run.injected[n] / norm for n, norm in norms.items() if n in run.injected
     ]
+    sizes = [run.deviations[n]["aggregate_norm"] / norm for n, norm in norms.items()]
     cosines = [
         d["cosine"] for d in run.deviations.values() if not math.isnan(d["cosine"])
     ]
@@ -332,6 +333,7 @@ def _deviation_cells(run: RunResult) -> list[str]:
         _mean_text(injected),
         _mean_text(relative),
         f"{max(relative):.2f}" if relative else "-",
+        _mean_text(sizes),
         _mean_text(cosines),
         f"{min(cosines):.2f}" if cosines else "-",
     ]

@@ -87,6 +87,7 @@ def test_read_run_collects_rounds(table, tmp_path: Path) -> None:
             "event": "aggregate_deviation",
             "distance": 1.0,
             "honest_mean_norm": 2.0,
+            "aggregate_norm": 1.0,
             "cosine": 0.5,
         },
     ]
@@ -128,6 +129,7 @@ def test_per_round_tables_show_values(table, tmp_path: Path) -> None:
             "event": "aggregate_deviation",
             "distance": 1.0,
             "honest_mean_norm": 2.0,
+            "aggregate_norm": 3.0,
             "cosine": 0.25,
         },
     ]
@@ -138,6 +140,7 @@ def test_per_round_tables_show_values(table, tmp_path: Path) -> None:
 
     assert "| fedavg | none | 0.400 | 0.800 |" in text
     assert "| median | alie 20% | 0.400 | 0.800 |" in text
-    # Crafted 3.0 / 2.0, aggregate 1.0 / 2.0 (mean and max), cosine 0.25 (mean and min).
-    assert "| median | alie 20% | 1.50 | 0.50 | 0.50 | 0.25 | 0.25 |" in text
+    # Crafted 3.0 / 2.0, aggregate distance 1.0 / 2.0 (mean and max), aggregate
+    # norm 3.0 / 2.0, cosine 0.25 (mean and min).
+    assert "| median | alie 20% | 1.50 | 0.50 | 0.50 | 1.50 | 0.25 | 0.25 |" in text
     assert "| fedavg | none | 1" not in text
