@@ -63,8 +63,11 @@ def test_privacy_preset_expands() -> None:
 
 def test_preset_sets_run_settings() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+sweep=robustness", "attack=sign_flip"])
+        cfg = compose("config", overrides=["+sweep=robustness", "attack=sign_flip"], return_hydra_config=True)
 
+    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
+    assert subdir == "${hydra.job.num}_${scenario.name}_${strategy.name}_${attack.name}"
+    assert cfg.attack.name == "sign_flip"
     assert cfg.nodes == 10
     assert cfg.rounds == 8
     assert cfg.data.holdout == 200
