@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from clients import encrypted, signing
+from clients.committee import handle_scoring_query
 from clients.local import build_model, evaluate_node, train_node
 from privacy import is_central
 from privacy.central import clip_on_node
@@ -202,3 +203,9 @@ def canary(msg: Message, context: Context) -> Message:
         for key, value in evaluate_node(spec, partition_id, state, _data_root(context)).items():
             metrics[f"{name}.{key}"] = float(value)
     return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("scoring")
+def scoring(msg: Message, context: Context) -> Message:
+    """Decrypt the server's scalar statistics on a committee node, within the round's budget."""
+    return handle_scoring_query(msg, context)
