@@ -1,0 +1,407 @@
+"""Server side of encrypted robust scoring: compute a round's statistics, have a committee decrypt them.
+
+The server holds only the public scoring context. For the round's encrypted
+updates u_1..u_n it computes the squared norms, the pairwise squared
+distances and, when a reference r is given, the inner products <u_i, r>
+(``crypto.ckks.scoring``). It sends all scalars in one ``query.scoring``
+message to each member of a committee of key-holding nodes
+(``clients.committee``) and takes the median of the members' values per
+scalar. With at least 2f+1 values per scalar, f wrong values cannot move
+the median outside the range of the honest ones; fewer values raise
+`CommitteeError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from clients.committee import (
+    KIND_DISTANCE,
+    KIND_INNER,
+    KIND_NORM,
+    RECORD_KEY,
+    SCORING_QUERY,
+)
+from crypto.ckks.scoring import (
+    ScalarCiphertext,
+    ScoringPublicContext,
+    ScoringUpdate,
+    inner_product,
+    squared_distance,
+    squared_norm,
+)
+
+__all__ = [
+    "SCORING_MESSAGE_TYPE",
+    "CommitteeDecryptor",
+    "CommitteeError",
+    "RoundScores",
+    "ScalarRequest",
+    "build_round_requests",
+    "score_round",
+    "select_committee",
+]
+
+logger = logging.getLogger(__name__)
+
+SCORING_MESSAGE_TYPE = f"query.{SCORING_QUERY}"
+
+# A member whose value differs from the median by more than this (absolute,
+# after the committee's rounding to 1e-6) is logged as disagreeing.
+DISAGREEMENT_TOLERANCE = 1e-5
+
+
+class CommitteeError(RuntimeError):
+    """Too few committee members returned a value for a scalar to outvote faulty ones."""
+
+
+@dataclass
+class ScalarRequest:
+    """One statistic to decrypt.
+
+    Attributes
+    ----------
+    kind : str
+        ``"norm"``, ``"distance"`` or ``"inner"``, what the committee's budget counts.
+    label : str
+        ``norm/i``, ``distance/i/j`` or ``inner/i``, with update positions i < j.
+    scalar : ScalarCiphertext
+        The encrypted statistic.
+    """
+
+    kind: str
+    label: str
+    scalar: ScalarCiphertext
+
+
+def build_round_requests(
+    context: ScoringPublicContext,
+    updates: Sequence[ScoringUpdate],
+    reference: ScoringUpdate | None = None,
+    *,
+    distances: bool = True,
+) -> list[ScalarRequest]:
+    """Compute the round's statistics homomorphically.
+
+    Parameters
+    ----------
+    context : ScoringPublicContext
+        The server's public scoring context.
+    updates : sequence of ScoringUpdate
+        The round's encrypted updates, in a fixed order.
+    reference : ScoringUpdate, optional
+        A freshly encrypted reference direction (the validator's update);
+        adds one inner product per update.
+    distances : bool, default True
+        Whether to add the n(n-1)/2 pairwise squared distances (Krum needs them).
+
+    Returns
+    -------
+    list of ScalarRequest
+        Norms, then distances, then inner products.
+    """
+    if not updates:
+        raise ValueError("build_round_requests needs at least one encrypted update.")
+
+    requests = [
+        ScalarRequest(KIND_NORM, f"norm/{i}", squared_norm(context, u))
+        for i, u in enumerate(updates)
+    ]
+    if distances:
+        for i in range(len(updates)):
+            for j in range(i + 1, len(updates)):
+                scalar = squared_distance(context, updates[i], updates[j])
+                requests.append(
+                    ScalarRequest(KIND_DISTANCE, f"distance/{i}/{j}", scalar)
+                )
+    if reference is not None:
+        for i, update in enumerate(updates):
+            requests.append(
+                ScalarRequest(
+                    KIND_INNER, f"inner/{i}", inner_product(context, update, reference)
+                )
+            )
+    return requests
+
+
+def select_committee(
+    node_ids: Iterable[int],
+    size: int,
+    server_round: int,
+    *,
+    seed: int = 0,
+    members: Sequence[int] | None = None,
+) -> list[int]:
+    """Choose the committee for a round.
+
+    Parameters
+    ----------
+    node_ids : iterable of int
+        Connected nodes that hold the scoring secret key.
+    size : int
+        Committee size; 2f+1 members tolerate f wrong replies.
+    server_round : int
+        Round number; with `seed` it fixes the random draw, so a restarted
+        server draws the same committee.
+    seed : int, default 0
+        Seed of the draw.
+    members : sequence of int, optional
+        Fixed committee; used instead of a draw when given.
+
+    Raises
+    ------
+    ValueError
+        If `size` is below 1 or above the number of nodes, or a fixed member is not connected.
+    """
+    available = sorted(set(node_ids))
+    if members is not None:
+        missing = sorted(set(members) - set(available))
+        if missing:
+            raise ValueError(
+                f"Committee members {missing} are not connected; connected nodes are {available}."
+            )
+        return list(members)
+    if not 1 <= size <= len(available):
+        raise ValueError(
+            f"Committee size must be between 1 and {len(available)} connected nodes, got {size}."
+        )
+    # TODO: a node that both trains and decrypts sees its own round's scalars; a
+    # selection that excludes the round's trainers, or rotates them out, is still open.
+    return sorted(random.Random(f"{seed}:{server_round}").sample(available, size))
+
+
+@dataclass
+class CommitteeDecryptor:
+    """Sends scalar requests to a committee through the Grid and takes medians.
+
+    Parameters
+    ----------
+    grid : Grid
+        The ServerApp's Grid.
+    size : int, default 3
+        Committee size, drawn per round by `select_committee`.
+    max_faulty : int, default 1
+        Members that may lie or fail. A median over 2f+1 values is bounded by
+        honest values when at most f are wrong, so every scalar needs
+        ``2 * max_faulty + 1`` values, and `size` must be at least that.
+    timeout : float, default 600.0
+        Seconds to wait for the committee's replies.
+    seed : int, default 0
+        Seed of the committee draw.
+    members : sequence of int, optional
+        Fixed committee instead of a draw.
+    """
+
+    grid: Grid
+    size: int = 3
+    max_faulty: int = 1
+    timeout: float = 600.0
+    seed: int = 0
+    members: Sequence[int] | None = None
+    last_committee: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        size = len(self.members) if self.members is not None else self.size
+        if self.max_faulty < 0 or size < 2 * self.max_faulty + 1:
+            raise ValueError(
+                f"A committee of {size} cannot outvote {self.max_faulty} faulty members; "
+                f"use at least {2 * self.max_faulty + 1} members or a smaller max_faulty."
+            )
+
+    def decrypt(
+        self, server_round: int, num_updates: int, requests: Sequence[ScalarRequest]
+    ) -> dict[str, float]:
+        """Have the committee decrypt `requests` and return the median value per label.
+
+        Parameters
+        ----------
+        server_round : int
+            Round the scalars belong to; the committee's budget is per round.
+        num_updates : int
+            The round's update count n, which sets the committee's budget.
+        requests : sequence of ScalarRequest
+            Scalars to decrypt.
+
+        Raises
+        ------
+        CommitteeError
+            If a scalar got fewer than ``2 * max_faulty + 1`` values.
+        """
+        committee = select_committee(
+            self.grid.get_node_ids(),
+            self.size,
+            server_round,
+            seed=self.seed,
+            members=self.members,
+        )
+        self.last_committee = committee
+        logger.info(
+            "encrypted scoring: round %d, %d scalars to committee %s",
+            server_round,
+            len(requests),
+            committee,
+        )
+        record = ConfigRecord(
+            {
+                "server-round": server_round,
+                "num-updates": num_updates,
+                "kinds": [request.kind for request in requests],
+                "labels": [request.label for request in requests],
+                "scalars": [request.scalar.serialize() for request in requests],
+            }
+        )
+        messages = [
+            Message(
+                content=RecordDict({RECORD_KEY: record}),
+                message_type=SCORING_MESSAGE_TYPE,
+                dst_node_id=node_id,
+            )
+            for node_id in committee
+        ]
+        values = self._collect(
+            self.grid.send_and_receive(messages, timeout=self.timeout), requests
+        )
+        return self._medians(server_round, values, requests)
+
+    def _collect(
+        self, replies: Iterable[Message], requests: Sequence[ScalarRequest]
+    ) -> dict[int, dict[str, float]]:
+        """Return each replying member's values by label; log error replies."""
+        expected = {request.label for request in requests}
+        values: dict[int, dict[str, float]] = {}
+        for reply in replies:
+            member = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning(
+                    "encrypted scoring: committee node %d returned an error: %s",
+                    member,
+                    reply.error.reason,
+                )
+                continue
+            record = reply.content.config_records.get(RECORD_KEY)
+            if record is None:
+                logger.warning(
+                    "encrypted scoring: committee node %d replied without a %r record",
+                    member,
+                    RECORD_KEY,
+                )
+                continue
+            member_values = dict(zip(record["labels"], record["values"], strict=True))
+            values[member] = {
+                label: float(value)
+                for label, value in member_values.items()
+                if label in expected
+            }
+        return values
+
+    def _medians(
+        self,
+        server_round: int,
+        values: dict[int, dict[str, float]],
+        requests: Sequence[ScalarRequest],
+    ) -> dict[str, float]:
+        """Take the median per label and log members that disagree with it."""
+        needed = 2 * self.max_faulty + 1
+        medians: dict[str, float] = {}
+        disagreeing: set[int] = set()
+        for request in requests:
+            received = {
+                member: member_values[request.label]
+                for member, member_values in values.items()
+                if request.label in member_values
+            }
+            if len(received) < needed:
+                raise CommitteeError(
+                    f"Round {server_round}: scalar {request.label} got {len(received)} committee values, "
+                    f"{needed} needed; check that the committee nodes have the scoring key and budget."
+                )
+            median = statistics.median(received.values())
+            medians[request.label] = median
+            disagreeing.update(
+                m
+                for m, value in received.items()
+                if abs(value - median) > DISAGREEMENT_TOLERANCE
+            )
+        if disagreeing:
+            logger.warning(
+                "encrypted scoring: round %d, committee nodes %s returned values off the median",
+                server_round,
+                sorted(disagreeing),
+            )
+        return medians
+
+
+@dataclass
+class RoundScores:
+    """Decrypted statistics of one round, indexed by update position.
+
+    Attributes
+    ----------
+    squared_norms : numpy.ndarray
+        Shape (n,).
+    squared_distances : numpy.ndarray or None
+        Shape (n, n), symmetric with a zero diagonal; None when not requested.
+    inner_products : numpy.ndarray or None
+        Shape (n,), with the reference; None without a reference.
+    """
+
+    squared_norms: np.ndarray
+    squared_distances: np.ndarray | None
+    inner_products: np.ndarray | None
+
+
+def score_round(
+    context: ScoringPublicContext,
+    updates: Sequence[ScoringUpdate],
+    decryptor: CommitteeDecryptor,
+    server_round: int,
+    *,
+    reference: ScoringUpdate | None = None,
+    distances: bool = True,
+) -> RoundScores:
+    """Compute and decrypt (through the committee) the statistics of one round.
+
+    Parameters
+    ----------
+    context : ScoringPublicContext
+        The server's public scoring context.
+    updates : sequence of ScoringUpdate
+        The round's encrypted updates.
+    decryptor : CommitteeDecryptor
+        Committee access through the Grid.
+    server_round : int
+        Current round.
+    reference : ScoringUpdate, optional
+        Fresh encryption of the reference direction.
+    distances : bool, default True
+        Whether to compute pairwise squared distances.
+    """
+    requests = build_round_requests(context, updates, reference, distances=distances)
+    values = decryptor.decrypt(server_round, len(updates), requests)
+
+    n = len(updates)
+    norms = np.array([values[f"norm/{i}"] for i in range(n)])
+    matrix = None
+    if distances:
+        matrix = np.zeros((n, n))
+        for i in range(n):
+            for j in range(i + 1, n):
+                matrix[i, j] = matrix[j, i] = values[f"distance/{i}/{j}"]
+    inner = (
+        np.array([values[f"inner/{i}"] for i in range(n)])
+        if reference is not None
+        else None
+    )
+    # TODO: the he_robust strategy (rule=norm_bound|krum|multikrum|trust) turns these
+    # scores into weights and sums the selected encrypted updates, as he_fedavg does.
+    return RoundScores(
+        squared_norms=norms, squared_distances=matrix, inner_products=inner
+    )
