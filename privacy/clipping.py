@@ -183,9 +183,10 @@ class LinearClipper:
         """Return the L2 norm over all parameters of each row's gradient, shape ``(batch,)``."""
         squared = torch.zeros(inputs[0].shape[0], dtype=inputs[0].dtype)
         for layer, layer_input, grad in zip(self.layers, inputs, row_grads):
-            grad_squared = grad.square().sum(dim=1)
+            grad_squared = torch.linalg.vecdot(grad, grad)
             if layer.weight.requires_grad:
-                squared += grad_squared * layer_input.square().sum(dim=1)
+                input_squared = torch.linalg.vecdot(layer_input, layer_input)
+                squared.addcmul_(grad_squared, input_squared)
             if layer.bias is not None and layer.bias.requires_grad:
                 squared += grad_squared
         return squared.sqrt()
@@ -198,11 +199,10 @@ class LinearClipper:
     ) -> None:
         """Set each parameter's ``.grad`` to the sum over rows of ``weights[i]`` times row i's gradient."""
         for layer, layer_input, grad in zip(self.layers, inputs, row_grads):
-            weighted = grad * weights.unsqueeze(1)
             if layer.weight.requires_grad:
-                layer.weight.grad = weighted.T @ layer_input
+                layer.weight.grad = (grad * weights.unsqueeze(1)).T @ layer_input
             if layer.bias is not None and layer.bias.requires_grad:
-                layer.bias.grad = weighted.sum(dim=0)
+                layer.bias.grad = weights @ grad
 
 
 class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
