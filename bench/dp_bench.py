@@ -2,12 +2,17 @@
 
 For each scenario the script loads node 0 of an iid partition. It times one
 local epoch of the scenario's own ``fit`` (non-private) and one epoch of
-``privacy.dp_sgd.PrivateTrainer`` (Opacus per-example clipping, noise and
-Poisson sampling), on the same data with the same learning rate. It reports
-the median seconds per optimizer step over the repeats, after one warm-up
-epoch each, and the median ratio of back-to-back epoch pairs, which is
-less sensitive to load from other processes. Torch runs on one thread, as
-on a node.
+``privacy.dp_sgd.PrivateTrainer`` (per-example clipping, noise and Poisson
+sampling) per clipping mode: Opacus's per-example gradient hooks
+(``per_example_clipping=opacus``) and the default (``auto``), where the
+default picks a different mode. Every loop uses the batch size and learning
+rate of ``conf/scenario/<name>.yaml`` and the same data. The script reports
+the median milliseconds per optimizer step over the repeats, after one
+warm-up epoch each, and the median ratio of back-to-back epoch pairs, which
+is less sensitive to load from other processes. Both come as wall-clock and
+as CPU time of the process. The CPU time leaves out waits for a core, so it
+is the steadier figure on a shared machine. Torch runs on one thread, as on
+a node.
 
 For the recommendations scenario a DP-SGD example is a user (all of their
 ratings), while the non-private loop steps over single ratings. The two step
@@ -32,10 +37,14 @@ import tempfile
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from privacy.dp_sgd import DPSGDSettings, PrivateTrainer
 from scenarios import get_scenario
@@ -44,14 +53,16 @@ from scenarios.datasets import resolve_data_root
 
 logger = logging.getLogger("dp_bench")
 
-# Batch size and learning rate of conf/scenario/<name>.yaml, and the DP batch
-# size in privacy units (users for recommendations).
-SCENARIOS: dict[str, dict[str, Any]] = {
-    "fraud": {"batch_size": 256, "lr": 1e-3, "dp_batch_size": 256},
-    "maintenance": {"batch_size": 256, "lr": 1e-3, "dp_batch_size": 256},
-    "imaging": {"batch_size": 64, "lr": 1e-3, "dp_batch_size": 64},
-    "recommendations": {"batch_size": 256, "lr": 0.02, "dp_batch_size": 32},
-}
+SCENARIOS = ("fraud", "maintenance", "imaging", "recommendations")
+
+# Batch size and learning rate come from each scenario's config.
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "scenario"
+
+# DP batch sizes in privacy units where they differ from the config's batch
+# size: 32 users per recommendations step in place of 256 ratings.
+DP_BATCH_SIZES = {"recommendations": 32}
+
+CLOCKS = ("wall", "cpu")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenarios",
         nargs="+",
         default=list(SCENARIOS),
-        choices=list(SCENARIOS),
+        choices=SCENARIOS,
         help="scenarios to time (default: all)",
     )
     parser.add_argument(
@@ -97,44 +108,136 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def load_train_options(name: str) -> dict[str, Any]:
+    """Return the batch size and learning rate of ``conf/scenario/<name>.yaml``, and the DP batch size."""
+    config = yaml.safe_load((CONF_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
+    batch_size = int(config["train"]["batch_size"])
+    return {
+        "batch_size": batch_size,
+        "lr": float(config["train"]["lr"]),
+        "dp_batch_size": DP_BATCH_SIZES.get(name, batch_size),
+    }
+
+
+def build_trainers(
+    scenario: Scenario, node: NodeData, privacy: DPSGDSettings, settings: TrainSettings
+) -> dict[str, PrivateTrainer]:
+    """Build one DP-SGD trainer per distinct clipping mode: the default (``auto``) and Opacus's hooks."""
+    trainers: dict[str, PrivateTrainer] = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        for mode in ("auto", "opacus"):
+            trainer = PrivateTrainer(
+                scenario,
+                node,
+                replace(privacy, per_example_clipping=mode),
+                settings,
+                partition_id=0,
+            )
+            if trainer.clipping not in trainers:
+                trainers[trainer.clipping] = trainer
+    return trainers
+
+
+def timed(run: Callable[[], object]) -> dict[str, float]:
+    """Run ``run`` once and return its wall-clock and CPU seconds.
+
+    The CPU time of this process leaves out the time it waits for a core,
+    so it varies less than the wall clock on a machine shared with other
+    jobs. Torch runs on one thread here, so it is close to that thread's time.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+
+
 def time_epochs(
     scenario: Scenario,
     model: torch.nn.Module,
     node: NodeData,
     initial: OrderedDict,
     settings: TrainSettings,
-    trainer: PrivateTrainer,
+    trainers: dict[str, PrivateTrainer],
     repeats: int,
-) -> tuple[list[float], list[float]]:
-    """Return the seconds of each timed non-private and DP-SGD epoch.
+) -> dict[str, dict[str, list[float]]]:
+    """Time each loop's epochs and return loop -> clock (``wall``, ``cpu``) -> seconds per epoch.
 
-    One warm-up epoch of each comes first. The timed epochs alternate
-    between the two loops, so load from other processes affects both alike.
+    The loops are ``plain`` (the scenario's ``fit``) and one per DP-SGD
+    clipping mode in ``trainers``. One warm-up epoch of each loop comes
+    first. The timed epochs alternate between the loops, so load from other
+    processes affects all of them alike.
     """
-    plain: list[float] = []
-    private: list[float] = []
+    times: dict[str, dict[str, list[float]]] = {
+        loop: {clock: [] for clock in CLOCKS} for loop in ("plain", *trainers)
+    }
     for repeat in range(repeats + 1):
         model.load_state_dict(initial)
-        started = time.perf_counter()
-        scenario.fit(model, node, settings)
-        plain_seconds = time.perf_counter() - started
+        epochs = {"plain": timed(partial(scenario.fit, model, node, settings))}
+        for mode, trainer in trainers.items():
+            trainer.reseed(repeat)
+            run = partial(trainer.train_round, initial, epochs=1, loss_seed=repeat)
+            epochs[mode] = timed(run)
+        if repeat == 0:
+            continue
+        for loop, seconds in epochs.items():
+            for clock in CLOCKS:
+                times[loop][clock].append(seconds[clock])
+    return times
 
-        trainer.reseed(repeat)
-        started = time.perf_counter()
-        trainer.train_round(initial, epochs=1, loss_seed=repeat)
-        private_seconds = time.perf_counter() - started
 
-        if repeat > 0:
-            plain.append(plain_seconds)
-            private.append(private_seconds)
-    return plain, private
+def time_dp_costs(
+    trainer: PrivateTrainer, initial: OrderedDict, repeats: int
+) -> dict[str, float]:
+    """Return the CPU milliseconds per step of the Poisson sampling and of the noise draws.
+
+    ``sampling_cpu_ms`` times the loader's batch sampler alone (one uniform
+    draw per training unit per step). ``noise_cpu_ms`` is the median
+    difference between an epoch with the run's noise multiplier and one
+    with the optimizer's noise multiplier set to 0, which skips the draws.
+    """
+    steps = trainer.steps_per_epoch
+    sampling, noise = [], []
+    noise_multiplier = trainer.optimizer.noise_multiplier
+    try:
+        for repeat in range(repeats):
+            trainer.reseed(repeat)
+            sampling.append(timed(partial(list, trainer.loader.batch_sampler))["cpu"])
+            with_noise = timed(partial(trainer.train_round, initial, 1, repeat))["cpu"]
+            trainer.optimizer.noise_multiplier = 0.0
+            without_noise = timed(partial(trainer.train_round, initial, 1, repeat))[
+                "cpu"
+            ]
+            trainer.optimizer.noise_multiplier = noise_multiplier
+            noise.append(with_noise - without_noise)
+    finally:
+        trainer.optimizer.noise_multiplier = noise_multiplier
+    return {
+        "sampling_cpu_ms": 1000 * statistics.median(sampling) / steps,
+        "noise_cpu_ms": 1000 * statistics.median(noise) / steps,
+    }
+
+
+def step_summary(
+    plain: list[float], private: list[float], plain_steps: int, dp_steps: int
+) -> tuple[float, float]:
+    """Return the median milliseconds per DP-SGD step and the median ratio over back-to-back epoch pairs."""
+    pair_ratios = [
+        (dp / dp_steps) / (base / plain_steps) for base, dp in zip(plain, private)
+    ]
+    return 1000 * statistics.median(private) / dp_steps, statistics.median(pair_ratios)
 
 
 def bench_scenario(
     name: str, args: argparse.Namespace, data_root: Path
 ) -> dict[str, Any]:
-    """Time both loops on node 0 of ``name`` and return one result row."""
-    options = SCENARIOS[name]
+    """Time the non-private loop and each DP-SGD clipping mode on node 0 of ``name``; return one result row.
+
+    Keys ending in ``_ms``, ``_ratio`` and ``_epoch_s`` come per clock:
+    ``plain_step_ms`` is wall-clock and ``plain_cpu_step_ms`` CPU time, and
+    likewise ``<mode>_step_ms`` and ``<mode>_cpu_step_ms``. The default
+    mode's sampling and noise costs are ``sampling_cpu_ms`` and ``noise_cpu_ms``.
+    """
+    options = load_train_options(name)
     scenario = get_scenario(name)
     node = scenario.load_nodes(
         data_root, PartitionSettings(num_nodes=args.nodes, scheme="iid", seed=0)
@@ -149,7 +252,6 @@ def bench_scenario(
         epochs=1, batch_size=options["batch_size"], lr=options["lr"], seed=0
     )
     plain_steps = math.ceil(scenario.num_examples(node.train) / settings.batch_size)
-
     privacy = DPSGDSettings(
         noise_multiplier=args.noise_multiplier,
         max_grad_norm=args.max_grad_norm,
@@ -158,40 +260,46 @@ def bench_scenario(
         state_dir=tempfile.mkdtemp(prefix="dp_bench_"),
         noise_seed=0,
     )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        trainer = PrivateTrainer(scenario, node, privacy, settings, partition_id=0)
-    plain, private = time_epochs(
-        scenario, model, node, initial, settings, trainer, args.repeats
+    trainers = build_trainers(scenario, node, privacy, settings)
+    times = time_epochs(
+        scenario, model, node, initial, settings, trainers, args.repeats
     )
 
-    plain_step = statistics.median(plain) / plain_steps
-    private_step = statistics.median(private) / trainer.steps_per_epoch
-    pair_ratios = [
-        (dp / trainer.steps_per_epoch) / (base / plain_steps)
-        for base, dp in zip(plain, private)
-    ]
-    row = {
+    default = next(iter(trainers.values()))
+    dp_steps = default.steps_per_epoch
+    row: dict[str, Any] = {
         "scenario": name,
         "examples": scenario.num_examples(node.train),
-        "dp_units": trainer.num_units,
+        "dp_units": default.num_units,
         "batch_size": settings.batch_size,
-        "dp_batch_size": min(options["dp_batch_size"], trainer.num_units),
+        "dp_batch_size": min(options["dp_batch_size"], default.num_units),
         "steps_per_epoch": plain_steps,
-        "dp_steps_per_epoch": trainer.steps_per_epoch,
-        "plain_step_ms": 1000 * plain_step,
-        "dp_step_ms": 1000 * private_step,
-        "step_ratio": statistics.median(pair_ratios),
-        "plain_epoch_s": statistics.median(plain),
-        "dp_epoch_s": statistics.median(private),
+        "dp_steps_per_epoch": dp_steps,
+        "clipping": default.clipping,
     }
-    logger.info(
-        "%s: %.3f ms per plain step, %.3f ms per DP-SGD step (x%.2f)",
-        name,
-        row["plain_step_ms"],
-        row["dp_step_ms"],
-        row["step_ratio"],
-    )
+    for clock in CLOCKS:
+        infix = "" if clock == "wall" else "cpu_"
+        plain = times["plain"][clock]
+        row[f"plain_{infix}step_ms"] = 1000 * statistics.median(plain) / plain_steps
+        row[f"plain_{infix}epoch_s"] = statistics.median(plain)
+        for mode in trainers:
+            private = times[mode][clock]
+            step_ms, ratio = step_summary(plain, private, plain_steps, dp_steps)
+            row[f"{mode}_{infix}step_ms"] = step_ms
+            row[f"{mode}_{infix}ratio"] = ratio
+            row[f"{mode}_{infix}epoch_s"] = statistics.median(private)
+    row.update(time_dp_costs(default, initial, args.repeats))
+    for mode in trainers:
+        logger.info(
+            "%s: %.3f ms per plain step, %.3f ms per DP-SGD step with %s clipping "
+            "(x%.2f wall clock, x%.2f CPU time)",
+            name,
+            row["plain_step_ms"],
+            row[f"{mode}_step_ms"],
+            mode,
+            row[f"{mode}_ratio"],
+            row[f"{mode}_cpu_ratio"],
+        )
     return row
 
 
@@ -207,6 +315,36 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "opacus": version("opacus"),
     }
+
+
+def _pair(row: dict[str, Any], loop: str, measure: str) -> str:
+    """Format a loop's wall-clock and CPU value of ``measure`` (``step_ms`` or ``ratio``) as ``wall / cpu``."""
+    return f"{row[f'{loop}_{measure}']:.2f} / {row[f'{loop}_cpu_{measure}']:.2f}"
+
+
+def results_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Return the Markdown table of ``rows``: plain step, Opacus hooks and the default clipping mode.
+
+    Every time and ratio cell gives the wall-clock value, then the CPU-time value.
+    """
+    header = (
+        "| scenario | batch (plain / DP) | steps per epoch (plain / DP) | plain ms/step "
+        "| DP-SGD, Opacus hooks: ms/step | ratio | DP-SGD, default clipping: ms/step | ratio |"
+    )
+    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        mode = row["clipping"]
+        default = "same as Opacus hooks | -"
+        if mode != "opacus":
+            default = (
+                f"{_pair(row, mode, 'step_ms')} ({mode}) | {_pair(row, mode, 'ratio')}"
+            )
+        lines.append(
+            f"| {row['scenario']} | {row['batch_size']} / {row['dp_batch_size']} "
+            f"| {row['steps_per_epoch']} / {row['dp_steps_per_epoch']} | {_pair(row, 'plain', 'step_ms')} "
+            f"| {_pair(row, 'opacus', 'step_ms')} | {_pair(row, 'opacus', 'ratio')} | {default} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,14 +365,15 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }
 
-    header = "| scenario | batch (plain / DP) | steps per epoch (plain / DP) | plain ms/step | DP-SGD ms/step | ratio |"
-    lines = [header, "|---|---|---|---:|---:|---:|"]
+    logger.info("Results:\n%s", "\n".join(results_table(rows)))
     for row in rows:
-        lines.append(
-            f"| {row['scenario']} | {row['batch_size']} / {row['dp_batch_size']} | {row['steps_per_epoch']} / {row['dp_steps_per_epoch']} "
-            f"| {row['plain_step_ms']:.2f} | {row['dp_step_ms']:.2f} | {row['step_ratio']:.2f} |"
+        logger.info(
+            "%s, %s clipping: Poisson sampling %.3f ms and noise %.3f ms of CPU time per DP-SGD step",
+            row["scenario"],
+            row["clipping"],
+            row["sampling_cpu_ms"],
+            row["noise_cpu_ms"],
         )
-    logger.info("Results:\n%s", "\n".join(lines))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         logger.info("Wrote %s", args.out)
