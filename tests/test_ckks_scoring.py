@@ -159,3 +159,22 @@ def test_context_files_round_trip(secret, tmp_path) -> None:
     assert (
         tmp_path / scoring.SCORING_SECRET_CONTEXT_FILENAME
     ).stat().st_mode & 0o077 == 0
+
+
+def test_distance_skips_equal_chunks(secret, public, vectors, encrypted) -> None:
+    # A node that copies part of another's ciphertext: equal chunks differ by exactly 0.
+    u, v = encrypted["u"], encrypted["v"]
+    mixed = scoring.ScoringUpdate(
+        fingerprint=u.fingerprint, length=u.length, chunks=[u.chunks[0], *v.chunks[1:]]
+    )
+    difference = vectors["u"] - vectors["v"]
+    expected = float(difference[4096:] @ difference[4096:])
+
+    value = decrypt_via_bytes(secret, scoring.squared_distance(public, u, mixed))
+
+    assert value == pytest.approx(expected, rel=RELATIVE_TOLERANCE)
+
+
+def test_distance_of_duplicate_rejected(public, encrypted) -> None:
+    with pytest.raises(ValueError, match="reject the duplicate upload"):
+        scoring.squared_distance(public, encrypted["u"], encrypted["u"])

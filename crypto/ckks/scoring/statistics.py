@@ -24,6 +24,7 @@ Serialized update (little-endian)::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import struct
@@ -279,6 +280,11 @@ def squared_distance(
         Public scoring context with relinearization and Galois keys.
     first, second : ScoringUpdate
         The encrypted updates u and v, of equal length.
+
+    Raises
+    ------
+    ValueError
+        If every chunk of u equals the one of v (a duplicate upload).
     """
     _check_pair(context, first, second)
     evaluator = context.evaluator
@@ -286,11 +292,25 @@ def squared_distance(
     def squares() -> Iterable[Any]:
         for left, right in zip(first.chunks, second.chunks, strict=True):
             difference = sealapi.Ciphertext()
-            evaluator.sub(left, right, difference)
+            try:
+                evaluator.sub(left, right, difference)
+            except RuntimeError as error:
+                # SEAL raises when a result is transparent: equal chunks differ by
+                # exactly zero, so they add nothing to the distance.
+                if "transparent" not in str(error):
+                    raise
+                continue
             evaluator.square_inplace(difference)
             yield difference
 
-    return _accumulate_and_sum(context, squares())
+    squared = iter(squares())
+    first_square = next(squared, None)
+    if first_square is None:
+        raise ValueError(
+            "The two scoring updates are identical ciphertexts, so their distance is exactly 0, "
+            "which SEAL cannot encrypt without a key; reject the duplicate upload before scoring."
+        )
+    return _accumulate_and_sum(context, itertools.chain([first_square], squared))
 
 
 def inner_product(
