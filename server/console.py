@@ -5,21 +5,28 @@ from __future__ import annotations
 import logging
 import sys
 
-# Loggers with console handlers of their own (Flower's does not propagate).
+# Loggers that print through a console handler of their own and do not
+# propagate to the root logger (``server.environment.keep_local`` turns off
+# Flower's propagation), so their records never reach the run's log file.
 OWN_HANDLER_LOGGERS = ("flwr",)
 
 
 def quiet_console() -> None:
-    """Raise every console log handler to WARNING; file handlers (Hydra's ``train.log``) keep their level.
+    """Raise the root logger's console handlers to WARNING; file handlers (Hydra's ``train.log``) keep their level.
 
-    The final table is printed by ``rich`` straight to stdout, so it still
-    shows. The progress bar is turned off by ``RunLog(quiet=True)``.
+    Loggers in ``OWN_HANDLER_LOGGERS`` are raised to WARNING as a whole. The
+    final table is printed by ``rich`` straight to stdout, so it still shows.
+    The progress bar is turned off by ``RunLog(quiet=True)``.
     """
-    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in OWN_HANDLER_LOGGERS)]
-    for logger in loggers:
-        for handler in logger.handlers:
-            if _is_console(handler):
-                handler.setLevel(logging.WARNING)
+    # Importing Flower's logger module sets the "flwr" logger to DEBUG (flwr
+    # 1.42), which would undo the level set below if it came later.
+    import flwr.common.logger  # noqa: F401
+
+    for handler in logging.getLogger().handlers:
+        if _is_console(handler):
+            handler.setLevel(logging.WARNING)
+    for name in OWN_HANDLER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _is_console(handler: logging.Handler) -> bool:

@@ -111,6 +111,8 @@ def test_failed_jobs_callback_lists_jobs(tmp_path: Path, caplog: pytest.LogCaptu
 
 def test_quiet_console_keeps_file_handler(tmp_path: Path) -> None:
     root = logging.getLogger()
+    flower = logging.getLogger("flwr")
+    flower_level = flower.level
     console = logging.StreamHandler(sys.stdout)
     log_file = logging.FileHandler(tmp_path / "train.log")
     root.addHandler(console)
@@ -120,7 +122,9 @@ def test_quiet_console_keeps_file_handler(tmp_path: Path) -> None:
 
         assert console.level == logging.WARNING
         assert log_file.level == logging.NOTSET
+        assert flower.level == logging.WARNING
     finally:
         root.removeHandler(console)
         root.removeHandler(log_file)
         log_file.close()
+        flower.setLevel(flower_level)
