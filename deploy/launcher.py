@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -297,7 +298,7 @@ class LocalFederation:
                     if not stream.is_running():
                         # The stream can end early (SuperLink restart); resume it.
                         stream.start()
-                    self.echo(f"run {run_id}: {outcome.status or 'unknown'}, round {outcome.rounds_seen or '-'}, {now - started:.0f} s")
+                    self.echo(f"run {run_id}: {outcome.status or 'unknown'}, round {outcome.rounds_seen or '-'}, {self._online_summary()}, {now - started:.0f} s")
                 if now - started > timeout_s:
                     outcome.status = "timed-out"
                     break
@@ -307,6 +308,17 @@ class LocalFederation:
             self._echo_new_lines(log_path, offset, outcome)
         outcome.seconds = time.monotonic() - started
         return outcome
+
+    def _online_summary(self) -> str:
+        """Return which sites are online, for progress lines; never raises."""
+        if not self.layout.tls:
+            running = [p for p, daemon in sorted(self.supernodes.items()) if daemon.is_running()]
+            return f"SuperNode processes running: {running}"
+        try:
+            return f"sites online: {self.online_partitions()}"
+        except (flwr_cli.FlwrCommandError, OSError, subprocess.SubprocessError) as error:
+            logger.warning("Listing SuperNodes failed: %s", error)
+            return "sites online: unknown"
 
     def _echo_new_lines(self, log_path: Path, offset: int, outcome: RunOutcome) -> int:
         if not log_path.exists():

@@ -96,28 +96,59 @@ class Daemon:
         """Send SIGTERM, wait ``grace_s``, then SIGKILL the whole group; return the exit code."""
         if self._process is None:
             return None
+        # Collected first: once the parent exits, its children are reparented and untraceable.
+        descendants = descendant_pids(self._process.pid)
         if self._process.poll() is None:
             logger.info("Stopping %s (pid %d)", self.name, self._process.pid)
             _signal_pid(self._process.pid, signal.SIGTERM)
             if self.wait(grace_s) is None:
                 logger.warning("%s (pid %d) ignored SIGTERM for %.0f s; sending SIGKILL to its process group", self.name, self._process.pid, grace_s)
-        # Children (superexec, ClientApps) can outlive their parent; end them too.
+        # Children (superexec, ServerApp, ClientApps) can outlive their parent,
+        # and some start their own session, outside the group; end them too.
         _kill_group(self._process.pid)
+        for pid in descendants:
+            _signal_pid(pid, signal.SIGKILL)
         code = self.wait(grace_s)
         logger.info("%s (pid %d) stopped with exit code %s", self.name, self._process.pid, code)
         return code
 
     def kill(self) -> int | None:
-        """SIGKILL the whole process group at once, as a crash would; return the exit code."""
+        """SIGKILL the process, its group and its descendants at once, as a crash would; return the exit code."""
         if self._process is None:
             return None
         logger.info("Killing %s (pid %d) with SIGKILL", self.name, self._process.pid)
+        descendants = descendant_pids(self._process.pid)
         _kill_group(self._process.pid)
+        for pid in descendants:
+            _signal_pid(pid, signal.SIGKILL)
         return self.wait(STOP_GRACE_S)
 
     def log_text(self) -> str:
         """Return the log file's content so far ('' if it does not exist yet)."""
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+
+def descendant_pids(root: int) -> list[int]:
+    """Return the PIDs of every live descendant of ``root`` (Linux ``/proc``), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name in brackets may contain spaces; the parent PID follows it.
+        parent = int(stat_line.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+
+    found: list[int] = []
+    pending = list(children.get(root, []))
+    while pending:
+        pid = pending.pop(0)
+        found.append(pid)
+        pending.extend(children.get(pid, []))
+    return found
 
 
 def _signal_pid(pid: int, signum: int) -> None:

@@ -17,6 +17,26 @@ def processes_using(path: Path) -> list[int]:
     return [int(pid) for pid in result.stdout.split() if int(pid) != os.getpid()]
 
 
+def lingering_processes(path: Path, timeout_s: float = 10.0) -> dict[int, str]:
+    """Return {PID: command line} of processes that still use ``path`` after up to ``timeout_s``.
+
+    A process that received SIGKILL can match for a moment before the kernel ends it.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = processes_using(path)
+        if not pids or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    found = {}
+    for pid in pids:
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return found
+
+
 def stop_pids(pids: list[int], grace_s: float = 15.0) -> None:
     """SIGTERM each PID, wait up to ``grace_s``, then SIGKILL the ones still running."""
     for pid in pids:

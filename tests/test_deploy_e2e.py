@@ -23,7 +23,12 @@ from crypto.ckks import SECRET_CONTEXT_FILENAME
 from scenarios.spec import load_all_nodes, scenario_for
 from server.cli import main as fedseal
 from server.config import compose_config, task_spec
-from tests.deploy_helpers import audit_entries, processes_using, stop_pids
+from tests.deploy_helpers import (
+    audit_entries,
+    lingering_processes,
+    processes_using,
+    stop_pids,
+)
 
 # The `fedseal` command of the Python that runs the tests, also when its venv is not activated.
 FEDSEAL = [sys.executable, "-m", "server.cli"]
@@ -50,7 +55,7 @@ def test_deploy_local_tls_encrypted(tmp_path: Path, data_root: Path) -> None:
     process = _deploy(state, data_root, ["--nodes", "3", "--timeout", "480", "--", *OVERRIDES], 600)
     try:
         output, _ = process.communicate(timeout=600)
-        leftovers = processes_using(state)
+        leftovers = lingering_processes(state)
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=90)
@@ -59,7 +64,7 @@ def test_deploy_local_tls_encrypted(tmp_path: Path, data_root: Path) -> None:
         stop_pids(processes_using(state))
 
     assert process.returncode == 0, output[-6000:]
-    assert leftovers == []
+    assert leftovers == {}
     assert "SuperNodes online: 3/3" in output
     assert "[ROUND 2/2]" in output
     last_run = json.loads((state / "last-run.json").read_text())
@@ -119,7 +124,7 @@ def test_deploy_interrupt_stops_everything(tmp_path: Path, data_root: Path) -> N
 
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=120)
-        leftovers = processes_using(state)
+        leftovers = lingering_processes(state)
     finally:
         if process.poll() is None:
             process.kill()
@@ -127,7 +132,7 @@ def test_deploy_interrupt_stops_everything(tmp_path: Path, data_root: Path) -> N
 
     assert process.returncode == 130, output[-4000:]
     assert "Interrupted by SIGINT" in output
-    assert leftovers == []
+    assert leftovers == {}
 
 
 @pytest.mark.parametrize(
