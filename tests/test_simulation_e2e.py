@@ -83,14 +83,27 @@ def test_multirun_two_scenarios(tmp_path: Path, data_root: Path) -> None:
     assert sorted(json.loads(p.read_text())["scenario"] for p in summaries) == ["fraud", "maintenance"]
 
 
-def test_encrypted_matches_plaintext(tmp_path: Path, data_root: Path) -> None:
-    # Fraud's default SGD step moves some weights by more than compact's update bound (0.5).
-    common = ("scenario=fraud", "baselines=false", "evaluate.server_side=false", "security=tenseal_default", "security.update_bound=5")
+@pytest.mark.parametrize(
+    "security",
+    [
+        ("scenario=fraud",),  # the default preset, compact_wide
+        # One round: the CNN's local epoch turns a 1e-7 change of its start
+        # weights into 7e-4 (plaintext, no encryption), so after a second round
+        # any aggregate that is not bit-identical to float32 FedAvg differs by
+        # that much. One round shows what encryption itself adds.
+        ("scenario=imaging", "security=compact", "rounds=1"),
+    ],
+    ids=["fraud-compact_wide", "imaging-compact"],
+)
+def test_encrypted_matches_plaintext(security: tuple[str, ...], tmp_path: Path, data_root: Path) -> None:
+    common = ("baselines=false", "evaluate.server_side=false", *security)
     plain = _run(tmp_path / "plain", data_root, *common, "strategy=fedavg")
     encrypted = _run(tmp_path / "he", data_root, *common, "strategy=he_fedavg")
 
-    for metric, value in plain["federated"]["global"].items():
-        assert abs(encrypted["federated"]["global"][metric] - value) <= 1e-4, metric
+    # Thresholded metrics (accuracy, F1) may flip on one borderline example when
+    # the weights differ by CKKS noise, so the contract covers the primary metric.
+    primary = plain["primary_metric"]
+    assert abs(encrypted["federated"]["global"][primary] - plain["federated"]["global"][primary]) <= 1e-4
     assert encrypted["checkpoint"] == "model_final.ckks"
 
     from clients.encrypted import flatten
@@ -102,4 +115,4 @@ def test_encrypted_matches_plaintext(tmp_path: Path, data_root: Path) -> None:
     drift = ckks.decrypt_sum(secret, read_batch(tmp_path / "he" / "model_final.ckks"), flatten(initial).size)
     decrypted = flatten(initial) + drift
     reference = flatten(torch.load(tmp_path / "plain" / "model_final.pt"))
-    assert float(abs(decrypted - reference).max()) <= 1e-5
+    assert float(abs(decrypted - reference).max()) <= 1e-5, float(abs(decrypted - reference).max())
