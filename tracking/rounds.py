@@ -10,7 +10,6 @@ needs neither W&B nor a running federation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +87,7 @@ class RoundCollector:
 
     def pop_all(self) -> list[RoundLog]:
         """Remove and return every buffered round, oldest first."""
-        return self.pop_before(math.inf)  # type: ignore[arg-type]
+        return self.pop_before(max(self._rounds, default=-1) + 1)
 
     def _round(self, number: int) -> RoundLog:
         if number not in self._rounds:
