@@ -185,32 +185,29 @@ def time_epochs(
     return times
 
 
-def time_dp_costs(
-    trainer: PrivateTrainer, initial: OrderedDict, repeats: int
-) -> dict[str, float]:
+def draw_noise(trainer: PrivateTrainer) -> list[torch.Tensor]:
+    """Draw one step's Gaussian noise as the DP optimizer does: one ``torch.normal`` call per parameter."""
+    optimizer = trainer.optimizer
+    std = optimizer.noise_multiplier * optimizer.max_grad_norm
+    return [
+        torch.normal(0.0, std, size=parameter.shape, generator=optimizer.generator)
+        for parameter in optimizer.params
+    ]
+
+
+def time_dp_costs(trainer: PrivateTrainer, repeats: int) -> dict[str, float]:
     """Return the CPU milliseconds per step of the Poisson sampling and of the noise draws.
 
     ``sampling_cpu_ms`` times the loader's batch sampler alone (one uniform
-    draw per training unit per step). ``noise_cpu_ms`` is the median
-    difference between an epoch with the run's noise multiplier and one
-    with the optimizer's noise multiplier set to 0, which skips the draws.
+    draw per training unit per step), ``noise_cpu_ms`` the noise of every
+    parameter (``draw_noise``). Both are medians over ``repeats`` epochs.
     """
     steps = trainer.steps_per_epoch
     sampling, noise = [], []
-    noise_multiplier = trainer.optimizer.noise_multiplier
-    try:
-        for repeat in range(repeats):
-            trainer.reseed(repeat)
-            sampling.append(timed(partial(list, trainer.loader.batch_sampler))["cpu"])
-            with_noise = timed(partial(trainer.train_round, initial, 1, repeat))["cpu"]
-            trainer.optimizer.noise_multiplier = 0.0
-            without_noise = timed(partial(trainer.train_round, initial, 1, repeat))[
-                "cpu"
-            ]
-            trainer.optimizer.noise_multiplier = noise_multiplier
-            noise.append(with_noise - without_noise)
-    finally:
-        trainer.optimizer.noise_multiplier = noise_multiplier
+    for repeat in range(repeats):
+        trainer.reseed(repeat)
+        sampling.append(timed(partial(list, trainer.loader.batch_sampler))["cpu"])
+        noise.append(timed(lambda: [draw_noise(trainer) for _ in range(steps)])["cpu"])
     return {
         "sampling_cpu_ms": 1000 * statistics.median(sampling) / steps,
         "noise_cpu_ms": 1000 * statistics.median(noise) / steps,
@@ -288,7 +285,7 @@ def bench_scenario(
             row[f"{mode}_{infix}step_ms"] = step_ms
             row[f"{mode}_{infix}ratio"] = ratio
             row[f"{mode}_{infix}epoch_s"] = statistics.median(private)
-    row.update(time_dp_costs(default, initial, args.repeats))
+    row.update(time_dp_costs(default, args.repeats))
     for mode in trainers:
         logger.info(
             "%s: %.3f ms per plain step, %.3f ms per DP-SGD step with %s clipping "
