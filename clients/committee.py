@@ -43,14 +43,17 @@ from crypto.ckks.scoring import (
 
 __all__ = [
     "KINDS",
+    "KIND_DISTANCE",
+    "KIND_INNER",
+    "KIND_NORM",
     "RECORD_KEY",
     "SCORING_QUERY",
     "SCORING_REJECTED_ERROR_CODE",
     "ScoringBudget",
     "ScoringRequestRejected",
-    "handle_scoring_query",
     "budget_limits",
     "decrypt_request",
+    "handle_scoring_query",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,7 +109,13 @@ class ScoringBudget:
         """Return the stored state: ``num_updates`` (None before the first request) and ``used`` counts."""
         if not self.path.exists():
             return {"num_updates": None, "used": dict.fromkeys(KINDS, 0)}
-        return json.loads(self.path.read_text(encoding="utf-8"))
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except ValueError as error:
+            # Fail closed: an unreadable counter must not reset the budget.
+            raise ScoringRequestRejected(
+                f"budget file {self.path} is unreadable ({error}); inspect or remove it by hand"
+            ) from error
 
     def charge(self, num_updates: int, counts: dict[str, int]) -> dict[str, int]:
         """Add `counts` to the round's usage, or raise without changing it.
@@ -184,6 +193,10 @@ def _parse_request(
         scalars = [bytes(scalar) for scalar in record["scalars"]]
     except KeyError as error:
         raise ScoringRequestRejected(f"request lacks the field {error}") from None
+    except (TypeError, ValueError) as error:
+        raise ScoringRequestRejected(
+            f"request has a field of the wrong type: {error}"
+        ) from None
 
     if not len(kinds) == len(labels) == len(scalars):
         raise ScoringRequestRejected(

@@ -14,6 +14,7 @@ the median outside the range of the honest ones; fewer values raise
 from __future__ import annotations
 
 import logging
+import math
 import random
 import statistics
 from collections.abc import Iterable, Sequence
@@ -294,12 +295,37 @@ class CommitteeDecryptor:
                     RECORD_KEY,
                 )
                 continue
-            member_values = dict(zip(record["labels"], record["values"], strict=True))
-            values[member] = {
-                label: float(value)
-                for label, value in member_values.items()
-                if label in expected
+            try:
+                labels = [str(label) for label in record["labels"]]
+                numbers = [float(value) for value in record["values"]]
+            except (KeyError, TypeError, ValueError) as error:
+                logger.warning(
+                    "encrypted scoring: committee node %d sent a malformed reply: %s",
+                    member,
+                    error,
+                )
+                continue
+            if len(labels) != len(numbers):
+                logger.warning(
+                    "encrypted scoring: committee node %d sent %d labels and %d values; ignoring its reply",
+                    member,
+                    len(labels),
+                    len(numbers),
+                )
+                continue
+            # A NaN would break the ordering that the median relies on.
+            finite = {
+                label: value
+                for label, value in zip(labels, numbers)
+                if label in expected and math.isfinite(value)
             }
+            if len(finite) < len(expected):
+                logger.warning(
+                    "encrypted scoring: committee node %d left out or sent non-finite values for %d scalars",
+                    member,
+                    len(expected) - len(finite),
+                )
+            values[member] = finite
         return values
 
     def _medians(

@@ -279,3 +279,28 @@ def test_foreign_scalar_rejected(round_data, node_config) -> None:
     assert "different scoring keys" in reply.error.reason
     used = committee.ScoringBudget(Path(node_config["state-dir"]), RUN_ID, 10).used()
     assert used["num_updates"] is None
+
+
+def test_unreadable_budget_fails_closed(round_data, node_config) -> None:
+    data = round_data
+    budget = committee.ScoringBudget(Path(node_config["state-dir"]), RUN_ID, 11)
+    budget.path.write_text("{not json", encoding="utf-8")
+
+    reply = query(
+        request(11, data["kinds"][:1], data["labels"][:1], data["scalars"][:1]),
+        node_config,
+    )
+
+    assert reply.has_error()
+    assert "is unreadable" in reply.error.reason
+
+
+def test_malformed_request_rejected(round_data, node_config) -> None:
+    data = round_data
+    record = request(12, data["kinds"][:1], data["labels"][:1], data["scalars"][:1])
+    record["num-updates"] = "three"
+
+    reply = query(record, node_config)
+
+    assert reply.has_error()
+    assert "wrong type" in reply.error.reason

@@ -36,15 +36,18 @@ TOLERANCE = 6e-7
 class CommitteeGrid:
     """A Grid whose nodes run the ClientApp's scoring handler in this process.
 
-    ``liars`` return every value times 3 plus 1, and ``failing`` nodes reply
-    with an error. ``inside_node`` is true while a node handler runs.
+    ``liars`` replace their reply by ``lie(labels, values)`` (default: every
+    value times 3 plus 1), and ``failing`` nodes reply with an error. ``inside_node`` is true while a node handler runs.
     """
 
-    def __init__(self, key_dir: Path, state_root: Path, liars=(), failing=()) -> None:
+    def __init__(
+        self, key_dir: Path, state_root: Path, liars=(), failing=(), lie=None
+    ) -> None:
         self.key_dir = key_dir
         self.state_root = state_root
         self.liars = set(liars)
         self.failing = set(failing)
+        self.lie = lie or (lambda labels, values: (labels, [3 * v + 1 for v in values]))
         self.inside_node = False
         self.sent: list[Message] = []
 
@@ -91,12 +94,8 @@ class CommitteeGrid:
             self.inside_node = False
         if node_id in self.liars and not reply.has_error():
             record = reply.content[RECORD_KEY]
-            lies = ConfigRecord(
-                {
-                    "labels": list(record["labels"]),
-                    "values": [3 * v + 1 for v in record["values"]],
-                }
-            )
+            labels, values = self.lie(list(record["labels"]), list(record["values"]))
+            lies = ConfigRecord({"labels": labels, "values": values})
             reply = Message(content=RecordDict({RECORD_KEY: lies}), reply_to=incoming)
         return reply
 
@@ -249,3 +248,27 @@ def test_select_committee_draw() -> None:
         select_committee(NODE_IDS, 3, server_round=5, members=[11, 99])
     with pytest.raises(ValueError, match="cannot outvote 1 faulty"):
         CommitteeDecryptor(grid=None, size=2, max_faulty=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "lie",
+    [
+        lambda labels, values: (labels, [float("nan")] * len(values)),
+        lambda labels, values: (labels, values[:-1]),
+        lambda labels, values: (labels[:1], [-1e9]),
+    ],
+    ids=["nan", "short", "partial"],
+)
+def test_malformed_liar_outvoted(
+    server_public, round_inputs, key_dir, tmp_path, lie
+) -> None:
+    grid = CommitteeGrid(key_dir, tmp_path, liars=[LIAR], lie=lie)
+    decryptor = CommitteeDecryptor(grid, members=[11, 12, 13, 14], max_faulty=1)
+
+    scores = score_round(
+        server_public, round_inputs["updates"], decryptor, 1, distances=False
+    )
+
+    plain = round_inputs["plain"]
+    for i in range(NUM_UPDATES):
+        assert abs(scores.squared_norms[i] - plain[i] @ plain[i]) <= TOLERANCE
