@@ -1,10 +1,10 @@
 """Deployment faults with TLS and SuperNode authentication on: unknown keys, crashes, restarts.
 
 The crash and the restart share one federation (``interrupted_run``), because
-each deployment costs minutes. Site 2's SuperNode is killed with SIGKILL
+each deployment costs minutes. Site 1's SuperNode is killed with SIGKILL
 while it trains in round 1 and restarted once the SuperLink reports it
-offline. The run is then followed to its end. Round 1 then completes with sites 0 and
-1, and round 2 waits for the restarted node, because every node must be
+offline, and the run is followed to its end. Round 1 completes with site 0
+alone. Round 2 waits for the restarted node, because every node must be
 connected before a phase starts (``min_available_nodes``).
 """
 
@@ -30,7 +30,9 @@ from tests.deploy_helpers import (
 
 pytestmark = pytest.mark.e2e
 
-CRASHED_SITE = 2
+# Two sites keep the test short: each message costs a process start per site.
+NUM_SITES = 2
+CRASHED_SITE = 1
 
 
 def _run_config(layout, overrides: list[str], run_name: str) -> dict[str, str]:
@@ -80,15 +82,15 @@ def test_superlink_admits_only_registered_keys(tmp_path: Path, data_root: Path) 
 
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict[str, Any]:
-    """Run 2 rounds with 3 sites; crash site 2 during round 1 training and restart it."""
+    """Run 2 rounds with 2 sites; crash site 1 during round 1 training and restart it."""
     root = tmp_path_factory.mktemp("faults")
-    layout = provision(root / "state", 3, "compact", tls=True, data_root=data_root)
+    layout = provision(root / "state", NUM_SITES, "compact", tls=True, data_root=data_root)
     lines: list[str] = []
     federation = LocalFederation(layout, time_limit_s=900, echo=lines.append)
     try:
         federation.start_superlink()
         node_ids = federation.register_nodes()
-        for partition_id in range(3):
+        for partition_id in range(NUM_SITES):
             federation.start_supernode(partition_id)
         federation.wait_nodes_online()
 
@@ -140,7 +142,7 @@ def test_killed_supernode_round_completes(interrupted_run: dict[str, Any]) -> No
     assert "Node Unavailable" in dropped[0]["reason"]
 
     round_one = [entry["partition"] for entry in entries if entry["event"] == "update_accepted" and entry["round"] == 1]
-    assert sorted(round_one) == [0, 1]
+    assert sorted(round_one) == [0]
     versions = [entry["round"] for entry in entries if entry["event"] == "version"]
     assert versions == [1, 2]
 
@@ -158,5 +160,5 @@ def test_restarted_supernode_rejoins(interrupted_run: dict[str, Any]) -> None:
     assert len(round_two) == 1
     assert crashed_id in round_two[0]["sampled"]
     accepted = [entry["partition"] for entry in entries if entry["event"] == "update_accepted" and entry["round"] == 2]
-    assert sorted(accepted) == [0, 1, 2]
+    assert sorted(accepted) == [0, 1]
     assert interrupted_run["offline_after_s"] < 120
