@@ -2,13 +2,16 @@
 
     fedseal data check [--root DIR] [--download]
     fedseal summary RUN_DIR
-    fedseal keys init --out DIR [--preset compact] [--overwrite] [--nodes N [--org LABEL ...] [--db URL]]
+    fedseal report DIR --out OUTDIR
+    fedseal keys init --out DIR [--preset compact_wide] [--overwrite] [--nodes N [--org LABEL ...] [--db URL]]
+                      [--tls [--ca-cert FILE --ca-key FILE] [--san HOST ...]]
     fedseal nodes list --db URL
     fedseal nodes revoke ID --db URL
     fedseal audit verify PATH
     fedseal models list --db URL_OR_RUN_DIR [--run RUN_ID]
     fedseal models export VERSION --db URL_OR_RUN_DIR --out FILE [--run RUN_ID]
     fedseal models decrypt RUN_DIR --secret-dir DIR --out FILE
+    fedseal deploy local --nodes N --state-dir DIR [--insecure] [--timeout S] -- OVERRIDES
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from crypto.ckks import params as ckks_presets
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +61,14 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _keys_init(args: argparse.Namespace) -> int:
-    """Create the CKKS material of a federation."""
+    """Create the CKKS material of a federation, then signing keys and TLS material if requested."""
+    from deploy.keys_cli import check_tls_arguments
     from server.keys import NODE_DIR, SERVER_DIR, init_ckks_keys
 
+    problem = check_tls_arguments(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         fingerprint = init_ckks_keys(Path(args.out), args.preset, overwrite=args.overwrite)
     except FileExistsError as error:
@@ -68,7 +78,12 @@ def _keys_init(args: argparse.Namespace) -> int:
     print(f"CKKS preset {args.preset}, fingerprint {fingerprint}")
     print(f"  server (public context only): {out / SERVER_DIR}")
     print(f"  nodes (secret context, mode 0600; install on every site, never on the server): {out / NODE_DIR}")
-    return _signing_keys_init(args) if args.nodes else 0
+    code = _signing_keys_init(args) if args.nodes else 0
+    if code == 0 and (args.tls or args.ca_cert or args.ca_key):
+        from deploy.keys_cli import tls_keys_init
+
+        code = tls_keys_init(args)
+    return code
 
 
 def _signing_keys_init(args: argparse.Namespace) -> int:
@@ -255,11 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     init = keys_commands.add_parser("init", help="create CKKS contexts: server/ (public) and node/ (secret)")
     init.add_argument("--out", required=True, help="folder to write the keys to")
-    init.add_argument("--preset", default="compact", choices=["compact", "tenseal_default"], help="CKKS parameter preset (default: compact)")
+    init.add_argument("--preset", default=ckks_presets.DEFAULT_PRESET, choices=sorted(ckks_presets.PRESETS), help=f"CKKS parameter preset (default: {ckks_presets.DEFAULT_PRESET})")
     init.add_argument("--overwrite", action="store_true", help="replace existing keys (old encrypted models become unreadable)")
     init.add_argument("--nodes", type=int, default=0, help="also create an Ed25519 signing key pair for nodes 0..N-1 and register them")
     init.add_argument("--org", action="append", help="organisation label of the nodes: once for all, or once per node (default: site-<id>)")
     init.add_argument("--db", help="SQLAlchemy URL of the node registry (default: sqlite in OUT/registry.sqlite)")
+    from deploy.keys_cli import add_tls_arguments
+
+    add_tls_arguments(init)
     init.set_defaults(handler=_keys_init)
 
     nodes = commands.add_parser("nodes", help="the node registry")
@@ -297,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", help="run id, when the index contains several runs")
     export.add_argument("--out", required=True, help="destination file")
     export.set_defaults(handler=_models_export)
+
+    from reporting.cli import add_parser as add_report_parser
+
+    add_report_parser(commands)
+
+    from deploy.cli import add_parser as add_deploy_parser
+
+    add_deploy_parser(commands)
     return parser
 
 

@@ -63,12 +63,11 @@ def test_flwr_run_local_simulation(scenario: str, strategy: str, tmp_path: Path,
     }
     # Under `flwr run` nobody provisions keys for the run: create them first, as an operator would.
     keys = tmp_path / "keys"
-    # tenseal_default: fraud's default SGD updates exceed the compact preset's update bound.
-    subprocess.run(["fedseal", "keys", "init", "--out", str(keys), "--nodes", "2", "--preset", "tenseal_default"], check=True, capture_output=True, timeout=120)
+    subprocess.run(["fedseal", "keys", "init", "--out", str(keys), "--nodes", "2"], check=True, capture_output=True, timeout=120)
     overrides = f"nodes=2 rounds=2 baselines=false provenance.keys_dir={keys}"
     if strategy == "he_fedavg":
         # The ServerApp only reads keys/server; the simulated nodes read keys/node.
-        overrides += f" evaluate.server_side=false security=tenseal_default security.update_bound=5 security.keys_dir={keys}"
+        overrides += f" evaluate.server_side=false security.keys_dir={keys}"
     run_config = f'scenario="{scenario}" strategy="{strategy}" overrides="{overrides}" output-dir="{out_dir}"'
     try:
         submitted = subprocess.run(
