@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 # Added to the per-example norm before dividing, as in Opacus 1.6's
 # DPOptimizer.clip_and_accumulate, so a zero gradient gives factor 1.
@@ -208,12 +209,14 @@ class LinearClipper:
 class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
     """Opacus's DP optimizer for gradients that are already the clipped sum over the batch.
 
-    ``LinearClipper.clipped_backward`` writes that sum into ``.grad``. The
-    parent class (Opacus 1.6) then adds Gaussian noise with standard
-    deviation ``noise_multiplier * max_grad_norm``, divides by the expected
-    batch size and calls the accountant's step hook, as every Opacus
-    optimizer does. Only ``accumulate`` differs: it takes ``.grad`` without
-    Opacus's deep copy, because the clipper writes new tensors every step.
+    ``LinearClipper.clipped_backward`` writes that sum into ``.grad``. Each
+    step then adds Gaussian noise with standard deviation
+    ``noise_multiplier * max_grad_norm``, divides by the expected batch size
+    and calls the accountant's step hook, as every Opacus optimizer does.
+    ``accumulate`` and ``add_noise`` differ from the parent class (Opacus
+    1.6) only in memory use: they work in place on the tensors the clipper
+    writes every step, in place of Opacus's deep copy, zero tensor and new
+    sum per parameter. The noise draws are the same.
     """
 
     def accumulate(self) -> None:
@@ -236,3 +239,33 @@ class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
                     "a parameter has no gradient; call LinearClipper.clipped_backward or zero_grads first"
                 )
             parameter.summed_grad = parameter.grad
+
+    def add_noise(self) -> None:
+        """Add Gaussian noise with standard deviation ``noise_multiplier * max_grad_norm`` to each summed gradient.
+
+        The draws are Opacus 1.6's (``optimizer._generate_noise`` outside
+        secure mode): one ``torch.normal`` call per parameter, in parameter
+        order, from the optimizer's generator, and none when the standard
+        deviation is 0. Secure mode and adaptive clipping use Opacus's own
+        method.
+        """
+        if self.secure_mode or hasattr(self, "_adjusted_noise_multiplier"):
+            super().add_noise()
+            return
+
+        std = self.noise_multiplier * self.max_grad_norm
+        for parameter in self.params:
+            summed = parameter.summed_grad
+            _check_processed_flag(summed)
+            if std > 0:
+                noise = torch.normal(
+                    mean=0,
+                    std=std,
+                    size=summed.shape,
+                    device=summed.device,
+                    generator=self.generator,
+                    dtype=summed.dtype,
+                )
+                summed.add_(noise)
+            parameter.grad = summed.view_as(parameter)
+            _mark_as_processed(summed)
