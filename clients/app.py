@@ -9,8 +9,11 @@ Node config keys (set by the simulation, or ``flower-supernode --node-config``):
 ``partition-id`` and ``num-partitions`` (required), ``data-root`` (optional,
 overrides the server's suggestion), ``signing-key`` (path of the node's
 Ed25519 private key; needed when the server checks update signatures),
-``state-dir`` (optional folder for the node's privacy ledger under
-``privacy=dp_sgd``; the default is a folder the server names).
+``ckks-secret-dir`` (folder with the CKKS secret context), ``state-dir``
+(optional folder for the node's privacy ledger under ``privacy=dp_sgd`` and
+its model cache; the default is a folder the server names). A SuperNode
+starts a new ClientApp process per message, so all of these are read from
+disk each time (``clients.node_state``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import encrypted, signing
+from clients import encrypted, node_state, signing
 from clients.committee import handle_scoring_query
 from clients.local import build_model, evaluate_node, train_node
 from privacy import is_central
@@ -35,6 +38,7 @@ from strategies.he_fedavg import (
     INITIAL_HASH_KEY,
     MODEL_RECORD,
     UPDATE_RECORD,
+    batch_digest,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,6 +70,7 @@ def node_identity(context: Context, spec: TaskSpec) -> int:
             "Node config has no 'partition-id'; start the SuperNode with "
             "--node-config 'partition-id=N num-partitions=M'."
         )
+    node_state.check_node_files(dict(context.node_config))
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config.get("num-partitions", spec.partition.num_nodes))
     if num_partitions != spec.partition.num_nodes:
@@ -83,7 +88,7 @@ def _data_root(context: Context) -> str | None:
 
 
 def _state_dir(context: Context) -> str | None:
-    state_dir = context.node_config.get("state-dir")
+    state_dir = node_state.state_dir(dict(context.node_config))
     return str(state_dir) if state_dir else None
 
 
@@ -108,9 +113,21 @@ def _encrypted_global(msg: Message, context: Context, spec: TaskSpec):
         raise ValueError("The initial model rebuilt on this node differs from the server's; check both run the same code and seed.")
 
     drift = msg.content[MODEL_RECORD][BATCH_KEY] if MODEL_RECORD in msg.content.config_records else None
+    version_hash = batch_digest(list(drift)) if drift else str(config[INITIAL_HASH_KEY])
+    cache = node_state.ModelCache.for_node(dict(context.node_config))
+    is_train = msg.metadata.message_type == "train"
+    if cache is not None and not is_train:
+        # Training always decrypts, because only decryption checks the overflow bound below.
+        cached = cache.get(version_hash)
+        if cached is not None:
+            return secret, cached
+
     # Training rounds also check that their sum cannot overflow; evaluation only reads.
-    bound = float(enc_spec.update_bound) if msg.metadata.message_type == "train" else None
-    return secret, encrypted.global_state(secret, initial, drift, update_bound=bound)
+    bound = float(enc_spec.update_bound) if is_train else None
+    state = encrypted.global_state(secret, initial, drift, update_bound=bound)
+    if cache is not None:
+        cache.put(version_hash, state, int(config.get("server-round", 0)))
+    return secret, state
 
 
 @app.train()
