@@ -39,6 +39,7 @@ from crypto.ckks.scoring import (
     squared_distance,
     squared_norm,
 )
+from crypto.ckks.scoring.pool import ScoringWorkerPool
 
 __all__ = [
     "SCORING_MESSAGE_TYPE",
@@ -47,6 +48,9 @@ __all__ = [
     "RoundScores",
     "ScalarRequest",
     "build_round_requests",
+    "build_round_requests_parallel",
+    "decrypt_scores",
+    "round_statistics",
     "score_round",
     "select_committee",
 ]
@@ -83,6 +87,37 @@ class ScalarRequest:
     scalar: ScalarCiphertext
 
 
+def round_statistics(
+    num_updates: int, *, reference: bool = False, distances: bool = True
+) -> list[tuple[str, str, int, int]]:
+    """List a round's statistics as (kind, label, i, j), norms first, then distances, then inner products.
+
+    Parameters
+    ----------
+    num_updates : int
+        Number of updates n; the reference, if any, has index n.
+    reference : bool, default False
+        Whether to add one inner product per update with the reference.
+    distances : bool, default True
+        Whether to add the n(n-1)/2 pairwise squared distances (Krum needs them).
+    """
+    if num_updates < 1:
+        raise ValueError(
+            f"A round needs at least one encrypted update, got {num_updates}."
+        )
+
+    listed = [(KIND_NORM, f"norm/{i}", i, i) for i in range(num_updates)]
+    if distances:
+        for i in range(num_updates):
+            for j in range(i + 1, num_updates):
+                listed.append((KIND_DISTANCE, f"distance/{i}/{j}", i, j))
+    if reference:
+        listed += [
+            (KIND_INNER, f"inner/{i}", i, num_updates) for i in range(num_updates)
+        ]
+    return listed
+
+
 def build_round_requests(
     context: ScoringPublicContext,
     updates: Sequence[ScoringUpdate],
@@ -90,7 +125,7 @@ def build_round_requests(
     *,
     distances: bool = True,
 ) -> list[ScalarRequest]:
-    """Compute the round's statistics homomorphically.
+    """Compute the round's statistics homomorphically, in this process.
 
     Parameters
     ----------
@@ -102,37 +137,75 @@ def build_round_requests(
         A freshly encrypted reference direction (the validator's update);
         adds one inner product per update.
     distances : bool, default True
-        Whether to add the n(n-1)/2 pairwise squared distances (Krum needs them).
+        Whether to add the n(n-1)/2 pairwise squared distances.
 
     Returns
     -------
     list of ScalarRequest
-        Norms, then distances, then inner products.
+        In the order of `round_statistics`.
     """
-    if not updates:
-        raise ValueError("build_round_requests needs at least one encrypted update.")
-
-    # TODO: a worker pool that splits the chunk range, sums partial products and
-    # rotates once in the parent; at 1M parameters the loop below is single-threaded.
-    requests = [
-        ScalarRequest(KIND_NORM, f"norm/{i}", squared_norm(context, u))
-        for i, u in enumerate(updates)
+    operands = [*updates, reference]
+    listed = round_statistics(
+        len(updates), reference=reference is not None, distances=distances
+    )
+    return [
+        ScalarRequest(kind, label, _statistic(context, kind, operands[i], operands[j]))
+        for kind, label, i, j in listed
     ]
-    if distances:
-        for i in range(len(updates)):
-            for j in range(i + 1, len(updates)):
-                scalar = squared_distance(context, updates[i], updates[j])
-                requests.append(
-                    ScalarRequest(KIND_DISTANCE, f"distance/{i}/{j}", scalar)
-                )
-    if reference is not None:
-        for i, update in enumerate(updates):
-            requests.append(
-                ScalarRequest(
-                    KIND_INNER, f"inner/{i}", inner_product(context, update, reference)
-                )
-            )
-    return requests
+
+
+def _statistic(
+    context: ScoringPublicContext,
+    kind: str,
+    first: ScoringUpdate,
+    second: ScoringUpdate,
+) -> ScalarCiphertext:
+    if kind == KIND_NORM:
+        return squared_norm(context, first)
+    if kind == KIND_DISTANCE:
+        return squared_distance(context, first, second)
+    return inner_product(context, first, second)
+
+
+def build_round_requests_parallel(
+    pool: ScoringWorkerPool,
+    uploads: Sequence[bytes],
+    expected_length: int,
+    reference: bytes | None = None,
+    *,
+    distances: bool = True,
+) -> list[ScalarRequest]:
+    """Compute the round's statistics in the pool's worker processes.
+
+    Parameters
+    ----------
+    pool : ScoringWorkerPool
+        Worker processes with the public scoring context.
+    uploads : sequence of bytes
+        The round's serialized encrypted updates, in a fixed order.
+    expected_length : int
+        Number of model parameters.
+    reference : bytes, optional
+        Serialized fresh encryption of the reference direction.
+    distances : bool, default True
+        Whether to add the n(n-1)/2 pairwise squared distances.
+
+    Returns
+    -------
+    list of ScalarRequest
+        In the order of `round_statistics`, equal to `build_round_requests` up to CKKS noise.
+    """
+    listed = round_statistics(
+        len(uploads), reference=reference is not None, distances=distances
+    )
+    operands = [*uploads, reference] if reference is not None else list(uploads)
+    scalars = pool.compute(
+        operands, [(kind, i, j) for kind, _, i, j in listed], expected_length
+    )
+    return [
+        ScalarRequest(kind, label, scalar)
+        for (kind, label, _, _), scalar in zip(listed, scalars, strict=True)
+    ]
 
 
 def select_committee(
@@ -411,23 +484,46 @@ def score_round(
         Whether to compute pairwise squared distances.
     """
     requests = build_round_requests(context, updates, reference, distances=distances)
-    values = decryptor.decrypt(server_round, len(updates), requests)
+    # TODO: the he_robust strategy (rule=norm_bound|krum|multikrum|trust) turns these
+    # scores into weights and sums the selected encrypted updates, as he_fedavg does.
+    return decrypt_scores(decryptor, server_round, len(updates), requests)
 
-    n = len(updates)
+
+def decrypt_scores(
+    decryptor: CommitteeDecryptor,
+    server_round: int,
+    num_updates: int,
+    requests: Sequence[ScalarRequest],
+) -> RoundScores:
+    """Have the committee decrypt a round's requests and arrange the values by update position.
+
+    Parameters
+    ----------
+    decryptor : CommitteeDecryptor
+        Committee access through the Grid.
+    server_round : int
+        Current round.
+    num_updates : int
+        Number of updates n in the round.
+    requests : sequence of ScalarRequest
+        From `build_round_requests` or `build_round_requests_parallel`.
+    """
+    values = decryptor.decrypt(server_round, num_updates, requests)
+    labels = {request.label for request in requests}
+
+    n = num_updates
     norms = np.array([values[f"norm/{i}"] for i in range(n)])
     matrix = None
-    if distances:
+    if n == 1 or "distance/0/1" in labels:
         matrix = np.zeros((n, n))
         for i in range(n):
             for j in range(i + 1, n):
                 matrix[i, j] = matrix[j, i] = values[f"distance/{i}/{j}"]
     inner = (
         np.array([values[f"inner/{i}"] for i in range(n)])
-        if reference is not None
+        if "inner/0" in labels
         else None
     )
-    # TODO: the he_robust strategy (rule=norm_bound|krum|multikrum|trust) turns these
-    # scores into weights and sums the selected encrypted updates, as he_fedavg does.
     return RoundScores(
         squared_norms=norms, squared_distances=matrix, inner_products=inner
     )

@@ -16,10 +16,14 @@ from tenseal import sealapi
 from clients import app as client_app
 from clients.committee import RECORD_KEY
 from crypto.ckks import scoring
+from crypto.ckks.scoring.pool import ScoringWorkerPool
 from strategies import encrypted_scoring
 from strategies.encrypted_scoring import (
     CommitteeDecryptor,
     CommitteeError,
+    build_round_requests_parallel,
+    decrypt_scores,
+    round_statistics,
     score_round,
     select_committee,
 )
@@ -124,14 +128,20 @@ def round_inputs(secret, server_public) -> dict:
     plain = [rng.normal(0.0, 0.01, LENGTH) for _ in range(NUM_UPDATES)]
     plain[2] = plain[2] * 4.0  # one update far from the others
     reference = rng.normal(0.0, 0.01, LENGTH)
-    load = lambda values: scoring.ScoringUpdate.from_bytes(
-        server_public, scoring.encrypt_for_scoring(secret, values), LENGTH
-    )
+    uploads = [
+        scoring.encrypt_for_scoring(secret, values) for values in [*plain, reference]
+    ]
+    loaded = [
+        scoring.ScoringUpdate.from_bytes(server_public, data, LENGTH)
+        for data in uploads
+    ]
     return {
         "plain": plain,
         "reference": reference,
-        "updates": [load(values) for values in plain],
-        "encrypted_reference": load(reference),
+        "uploads": uploads[:-1],
+        "reference_upload": uploads[-1],
+        "updates": loaded[:-1],
+        "encrypted_reference": loaded[-1],
     }
 
 
@@ -272,3 +282,41 @@ def test_malformed_liar_outvoted(
     plain = round_inputs["plain"]
     for i in range(NUM_UPDATES):
         assert abs(scores.squared_norms[i] - plain[i] @ plain[i]) <= TOLERANCE
+
+
+def test_parallel_requests_match(
+    server_public, round_inputs, key_dir, tmp_path
+) -> None:
+    grid = CommitteeGrid(key_dir, tmp_path)
+    decryptor = CommitteeDecryptor(grid, members=[11, 13, 14])
+
+    with ScoringWorkerPool(server_public, workers=2) as pool:
+        requests = build_round_requests_parallel(
+            pool, round_inputs["uploads"], LENGTH, round_inputs["reference_upload"]
+        )
+    scores = decrypt_scores(decryptor, 6, NUM_UPDATES, requests)
+
+    plain, reference = round_inputs["plain"], round_inputs["reference"]
+    assert [request.label for request in requests][:4] == [
+        "norm/0",
+        "norm/1",
+        "norm/2",
+        "distance/0/1",
+    ]
+    for i in range(NUM_UPDATES):
+        assert abs(scores.squared_norms[i] - plain[i] @ plain[i]) <= TOLERANCE
+        assert abs(scores.inner_products[i] - plain[i] @ reference) <= TOLERANCE
+        for j in range(NUM_UPDATES):
+            expected = (plain[i] - plain[j]) @ (plain[i] - plain[j])
+            assert abs(scores.squared_distances[i, j] - expected) <= TOLERANCE
+
+
+def test_round_statistics_counts() -> None:
+    listed = round_statistics(4, reference=True)
+    kinds = [kind for kind, _, _, _ in listed]
+
+    assert kinds.count("norm") == 4
+    assert kinds.count("distance") == 6
+    assert kinds.count("inner") == 4
+    assert listed[-1] == ("inner", "inner/3", 3, 4)
+    assert len(round_statistics(4, distances=False)) == 4

@@ -24,11 +24,10 @@ Serialized update (little-endian)::
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,14 +46,28 @@ from crypto.ckks.scoring.context import ScoringPublicContext, ScoringSecretConte
 from crypto.ckks.scoring.scalars import ScalarCiphertext
 
 __all__ = [
+    "DISTANCE",
+    "INNER",
+    "NORM",
+    "STATISTICS",
     "ScoringUpdate",
+    "chunk_products",
     "encrypt_for_scoring",
     "inner_product",
+    "load_chunks",
+    "relinearized_sum",
+    "rotate_and_sum",
+    "split_update",
     "squared_distance",
     "squared_norm",
 ]
 
 logger = logging.getLogger(__name__)
+
+NORM = "norm"
+DISTANCE = "distance"
+INNER = "inner"
+STATISTICS = (NORM, DISTANCE, INNER)
 
 _MAGIC = b"FSSCORUP"
 _FORMAT_VERSION = 1
@@ -163,33 +176,83 @@ class ScoringUpdate:
         MalformedBatchError, FingerprintMismatchError, VectorLengthError, ChunkCountError
             If the bytes are corrupted, under another key, or of the wrong size.
         """
-        fingerprint, length, lengths, offset = _parse_header(data)
-        if fingerprint != context.fingerprint:
-            raise FingerprintMismatchError(
-                f"Scoring update was encrypted under context {fingerprint[:16]}, but the server "
-                f"scores under {context.fingerprint[:16]}; the node must use the current scoring key."
-            )
-        if length != expected_length:
-            raise VectorLengthError(
-                f"Scoring update has {length} values, expected {expected_length}."
-            )
-        expected_chunks = math.ceil(length / context.preset.slot_count)
-        if len(lengths) != expected_chunks:
-            raise ChunkCountError(
-                f"Scoring update has {len(lengths)} chunks, expected {expected_chunks}."
-            )
+        chunk_bytes = split_update(context, data, expected_length)
 
         # TODO: the server cannot check the norm bound of an encrypted update, so a node
         # whose ||u||^2 exceeds the headroom can make its statistics wrap to a chosen
         # small value; a range check on the encrypted update is still to build.
-        chunks = []
-        with SealBytesIO() as scratch:
-            for index, size in enumerate(lengths):
-                chunks.append(
-                    _load_fresh(context, scratch, index, data[offset : offset + size])
-                )
-                offset += size
-        return cls(fingerprint=fingerprint, length=length, chunks=chunks)
+        chunks = load_chunks(context, chunk_bytes)
+        return cls(
+            fingerprint=context.fingerprint, length=expected_length, chunks=chunks
+        )
+
+
+def split_update(
+    context: ScoringPublicContext, data: bytes, expected_length: int
+) -> list[bytes]:
+    """Check an encrypted update's header against the context and return its chunks' bytes.
+
+    Parameters
+    ----------
+    context : ScoringPublicContext
+        The scoring context the update must be encrypted under.
+    data : bytes
+        Output of `encrypt_for_scoring`.
+    expected_length : int
+        Number of model parameters.
+
+    Raises
+    ------
+    MalformedBatchError, FingerprintMismatchError, VectorLengthError, ChunkCountError
+        If the bytes are corrupted, under another key, or of the wrong size.
+    """
+    fingerprint, length, lengths, offset = _parse_header(data)
+    if fingerprint != context.fingerprint:
+        raise FingerprintMismatchError(
+            f"Scoring update was encrypted under context {fingerprint[:16]}, but the server "
+            f"scores under {context.fingerprint[:16]}; the node must use the current scoring key."
+        )
+    if length != expected_length:
+        raise VectorLengthError(
+            f"Scoring update has {length} values, expected {expected_length}."
+        )
+    expected_chunks = math.ceil(length / context.preset.slot_count)
+    if len(lengths) != expected_chunks:
+        raise ChunkCountError(
+            f"Scoring update has {len(lengths)} chunks, expected {expected_chunks}."
+        )
+
+    chunks = []
+    for size in lengths:
+        chunks.append(bytes(data[offset : offset + size]))
+        offset += size
+    return chunks
+
+
+def load_chunks(
+    context: ScoringPublicContext, chunk_bytes: Sequence[bytes], first_index: int = 0
+) -> list[Any]:
+    """Load chunk bytes as SEAL ciphertexts, checking that each one is fresh.
+
+    Parameters
+    ----------
+    context : ScoringPublicContext
+        The scoring context.
+    chunk_bytes : sequence of bytes
+        Chunks from `split_update`.
+    first_index : int, default 0
+        Index of the first chunk in the update, for error messages.
+
+    Raises
+    ------
+    MalformedBatchError
+        If a chunk does not load or is not a fresh ciphertext of the preset.
+    """
+    with SealBytesIO() as scratch:
+        return [
+            _load_fresh(context, scratch, first_index + i, chunk)
+            for i, chunk in enumerate(chunk_bytes)
+        ]
 
 
 def _parse_header(data: bytes) -> tuple[str, int, list[int], int]:
@@ -258,15 +321,8 @@ def squared_norm(
         The encrypted update u.
     """
     _check_same_key(context, update)
-    evaluator = context.evaluator
-
-    def squares() -> Iterable[Any]:
-        for chunk in update.chunks:
-            square = sealapi.Ciphertext()
-            evaluator.square(chunk, square)
-            yield square
-
-    return _accumulate_and_sum(context, squares())
+    products = chunk_products(context, NORM, update.chunks, update.chunks)
+    return rotate_and_sum(context, _require(relinearized_sum(context, products)))
 
 
 def squared_distance(
@@ -287,30 +343,8 @@ def squared_distance(
         If every chunk of u equals the one of v (a duplicate upload).
     """
     _check_pair(context, first, second)
-    evaluator = context.evaluator
-
-    def squares() -> Iterable[Any]:
-        for left, right in zip(first.chunks, second.chunks, strict=True):
-            difference = sealapi.Ciphertext()
-            try:
-                evaluator.sub(left, right, difference)
-            except RuntimeError as error:
-                # SEAL raises when a result is transparent: equal chunks differ by
-                # exactly zero, so they add nothing to the distance.
-                if "transparent" not in str(error):
-                    raise
-                continue
-            evaluator.square_inplace(difference)
-            yield difference
-
-    squared = iter(squares())
-    first_square = next(squared, None)
-    if first_square is None:
-        raise ValueError(
-            "The two scoring updates are identical ciphertexts, so their distance is exactly 0, "
-            "which SEAL cannot encrypt without a key; reject the duplicate upload before scoring."
-        )
-    return _accumulate_and_sum(context, itertools.chain([first_square], squared))
+    products = chunk_products(context, DISTANCE, first.chunks, second.chunks)
+    return rotate_and_sum(context, _require(relinearized_sum(context, products)))
 
 
 def inner_product(
@@ -331,28 +365,73 @@ def inner_product(
         holder (the validator node).
     """
     _check_pair(context, update, reference)
+    products = chunk_products(context, INNER, update.chunks, reference.chunks)
+    return rotate_and_sum(context, _require(relinearized_sum(context, products)))
+
+
+def chunk_products(
+    context: ScoringPublicContext,
+    kind: str,
+    first: Sequence[Any],
+    second: Sequence[Any],
+) -> Iterator[Any]:
+    """Yield the degree-2 product of each chunk pair for one statistic.
+
+    Parameters
+    ----------
+    context : ScoringPublicContext
+        Public scoring context.
+    kind : str
+        ``"norm"`` (squares of `first`), ``"distance"`` (squares of the
+        differences) or ``"inner"`` (products).
+    first, second : sequence of sealapi.Ciphertext
+        Fresh chunks of equal count; `second` is ignored for ``"norm"``.
+    """
+    if kind not in STATISTICS:
+        raise ValueError(f"Unknown statistic {kind!r}; expected one of {STATISTICS}.")
     evaluator = context.evaluator
 
-    def products() -> Iterable[Any]:
-        for left, right in zip(update.chunks, reference.chunks, strict=True):
-            product = sealapi.Ciphertext()
+    for left, right in zip(first, second, strict=True):
+        product = sealapi.Ciphertext()
+        if kind == NORM:
+            evaluator.square(left, product)
+        elif kind == INNER:
             evaluator.multiply(left, right, product)
-            yield product
+        else:
+            try:
+                evaluator.sub(left, right, product)
+            except RuntimeError as error:
+                # SEAL raises when a result is transparent: equal chunks differ by
+                # exactly zero, so they add nothing to the distance.
+                if "transparent" not in str(error):
+                    raise
+                continue
+            evaluator.square_inplace(product)
+        yield product
 
-    return _accumulate_and_sum(context, products())
 
-
-def _accumulate_and_sum(
+def relinearized_sum(
     context: ScoringPublicContext, products: Iterable[Any]
-) -> ScalarCiphertext:
-    """Add degree-2 products, relinearize once, rotate-and-sum, then rescale once."""
+) -> Any | None:
+    """Add degree-2 products and relinearize the sum once; None when there are none."""
     evaluator = context.evaluator
     iterator = iter(products)
-    total = next(iterator)
+    total = next(iterator, None)
+    if total is None:
+        return None
+
     for product in iterator:
         evaluator.add_inplace(total, product)
     evaluator.relinearize_inplace(total, context.relin_keys)
+    return total
 
+
+def rotate_and_sum(context: ScoringPublicContext, total: Any) -> ScalarCiphertext:
+    """Sum all slots of a relinearized ciphertext into every slot, then rescale once.
+
+    Rotating before the rescale keeps the key switching noise at scale 2^80.
+    """
+    evaluator = context.evaluator
     rotated = sealapi.Ciphertext()
     for step in context.preset.rotation_steps:
         evaluator.rotate_vector(total, step, context.galois_keys, rotated)
@@ -361,6 +440,16 @@ def _accumulate_and_sum(
     # The rescale drops the 40-bit prime, which halves the scalar's size.
     evaluator.rescale_to_next_inplace(total)
     return ScalarCiphertext(fingerprint=context.fingerprint, ciphertext=total)
+
+
+def _require(total: Any | None) -> Any:
+    """Return a relinearized sum, or raise when no chunk contributed (identical updates)."""
+    if total is None:
+        raise ValueError(
+            "The two scoring updates are identical ciphertexts, so their distance is exactly 0, "
+            "which SEAL cannot encrypt without a key; reject the duplicate upload before scoring."
+        )
+    return total
 
 
 def _check_same_key(context: ScoringPublicContext, update: ScoringUpdate) -> None:
