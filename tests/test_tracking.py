@@ -317,3 +317,20 @@ def test_recording_reports_round_cost() -> None:
     assert fields["bytes_received"] > 2 * arrays.count_bytes() - 1
     assert fields["bytes_sent"] == 0
     assert fields["aggregate_s"] >= 0.0
+
+
+def test_tracker_audit_waits_for_whole_lines(tmp_path: Path) -> None:
+    tracker = _tracker(tmp_path)
+    audit = tmp_path / "run" / "audit.jsonl"
+    audit.parent.mkdir(parents=True)
+    first = json.dumps({"event": "update_rejected", "check": "signature", "round": 1, "partition": 0, "reason": "first"})
+    second = json.dumps({"event": "rollback", "round": 1, "metric": "roc_auc", "mean_delta": -0.25})
+    audit.write_text(first + "\n" + second[:10])
+
+    tracker._read_audit()
+    audit.write_text(first + "\n" + second + "\n")
+    tracker._read_audit()
+    (entry,) = tracker._collector.pop_all()
+
+    assert [event["event"] for event in entry.events] == ["rejected_signature", "rollback"]
+    assert entry.scalars["canary/rolled_back"] == 1.0

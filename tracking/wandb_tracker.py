@@ -154,12 +154,12 @@ class WandbTracker:
         """Pass the audit lines written since the last call to the collector; a partial last line waits."""
         if not self._audit_path.exists():
             return
-        with self._audit_path.open("r", encoding="utf-8") as handle:
+        with self._audit_path.open("rb") as handle:
             handle.seek(self._audit_offset)
-            text = handle.read()
-        complete = text[: text.rfind("\n") + 1]
-        self._audit_offset += len(complete.encode("utf-8"))
-        for line in complete.splitlines():
+            data = handle.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self._audit_offset += len(complete)
+        for line in complete.decode("utf-8").splitlines():
             if line.strip():
                 self._collector.add_audit(json.loads(line))
 
