@@ -4,7 +4,10 @@ A scenario supplies three things through its contract (``scenarios.base``):
 ``training_dataset`` (one item per privacy unit), ``loss`` (the mean loss of a
 batch of units) and ``optimizer``. This module wraps them with Opacus's
 ``PrivacyEngine`` (per-example clipping, Gaussian noise, Poisson sampling) and
-charges every step to the node's ``PrivacyLedger`` before it trains.
+charges every step to the node's ``PrivacyLedger`` before it trains. Models
+made only of ``nn.Linear`` layers are clipped by ``privacy.clipping`` in
+place of Opacus's per-example gradient hooks, with the same noise, sampling
+and accountant (``DPSGDSettings.per_example_clipping``).
 
 The engine is attached once per node and process (``PrivateTrainer`` objects
 are cached by run and partition id). Each round loads the global weights into
