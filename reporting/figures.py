@@ -21,11 +21,13 @@ DPI = 110
 
 
 def metric_per_round(series: dict[str, tuple[str, list[tuple[int, float]]]], metric: str, path: Path) -> Path:
-    """Draw the primary metric per round, one line per run."""
+    """Draw the primary metric per round, one line per run; the legend names each line's source when they differ."""
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 4.5))
-    for label, (_, points) in series.items():
+    mixed = len({source for source, _ in series.values()}) > 1
+    for label, (source, points) in series.items():
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            name = f"{label} ({source})" if mixed else label
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (0 = initial model)")
     ax.set_ylabel(metric)

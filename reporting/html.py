@@ -86,10 +86,13 @@ def _overview(source: Path, runs: list[Run]) -> str:
     for run in runs:
         status = "failed" if run.failure is not None else "finished"
         seconds = (run.summary or {}).get("seconds", {}).get("total")
-        rows.append([run.label, run.scenario, run.strategy, run.attack, _pct(run.attack_fraction), run.privacy, status, _num(run.final_metric), _num(seconds, 1)])
+        rows.append([run.label, run.scenario, run.strategy, run.attack, _pct(run.attack_fraction), run.privacy, status, _num(run.final_metric), run.metric_source if run.summary else "", _num(seconds, 1)])
     text = f"<p>{len(runs)} runs from <code>{_e(str(source))}</code>, {len(failed)} failed. Generated {_e(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}.</p>"
-    headers = ["run", "scenario", "strategy", "attack", "attackers", "privacy", "status", "final primary metric", "seconds"]
-    caption = "The final primary metric is that of the last global model: on the pooled test split when the server scored it, else the mean over the nodes' test splits."
+    headers = ["run", "scenario", "strategy", "attack", "attackers", "privacy", "status", "final primary metric", "measured on", "seconds"]
+    caption = (
+        "The final primary metric is that of the last global model: on the pooled test split when the server scored it, else the mean over the nodes' test splits "
+        "(encrypted runs, whose model the server cannot read), unweighted. Values from different sources are not directly comparable."
+    )
     return "<h2>Runs</h2>" + text + _table(headers, rows, text_columns=7) + _caption(caption)
 
 
@@ -108,8 +111,8 @@ def _rounds_section(runs: list[Run], out_dir: Path) -> str:
         sources = sorted({source for source, _ in series.values()})
         parts.append(_figure(image.name, f"{metric} of the global model after each round, one line per run. Source: {', '.join(sources)}. Round 0 is the initial model."))
         rounds = sorted({point[0] for _, points in series.values() for point in points})
-        rows = [[label, *[_num(dict(points).get(r)) for r in rounds]] for label, (_, points) in series.items()]
-        parts.append(_table(["run", *[f"round {r}" for r in rounds]], rows, text_columns=1))
+        rows = [[label, source, *[_num(dict(points).get(r)) for r in rounds]] for label, (source, points) in series.items()]
+        parts.append(_table(["run", "measured on", *[f"round {r}" for r in rounds]], rows, text_columns=2))
     return "\n".join(parts)
 
 
@@ -124,12 +127,13 @@ def _robustness_section(runs: list[Run]) -> str:
         strategies = sorted({cell.strategy for cell in group}, key=lambda s: (s != "fedavg", s))
         metric = next(run.primary_metric for run in runs if run.scenario == scenario)
         headers = ["aggregator", *[("no attack" if attack == "none" else f"{attack} {_pct(fraction)}") for attack, fraction in columns]]
+        has_reference = any(c.drop is not None for c in group)
         rows = []
         for strategy in strategies:
             row: list[Any] = [strategy]
             for attack, fraction in columns:
                 match = [c for c in group if c.strategy == strategy and c.attack == attack and c.fraction == fraction]
-                row.append(_robust_cell(match[0]) if match else ("", ""))
+                row.append(_robust_cell(match[0], has_reference) if match else ("", ""))
             rows.append(row)
         parts.append(f"<h3>{_e(scenario)}: final {_e(metric)}</h3>")
         parts.append(_table(headers, rows, text_columns=1))
@@ -139,13 +143,15 @@ def _robustness_section(runs: list[Run]) -> str:
             if has_reference
             else f"Final {metric}. This folder has no attack-free FedAvg run of {scenario}, so no change is shown; add one with strategy=fedavg attack=none."
         )
+        if any(c.drop is None and c.source != "unknown" for c in group) and has_reference:
+            caption += " A value marked 'other source' was measured differently from the reference (mean over nodes against the pooled test split), so no change is shown."
         parts.append(_caption(caption))
     return "\n".join(parts)
 
 
-def _robust_cell(cell: Any) -> tuple[str, str]:
+def _robust_cell(cell: Any, has_reference: bool) -> tuple[str, str]:
     if cell.drop is None:
-        return _num(cell.value, 3), ""
+        return (f"{_num(cell.value, 3)} (other source)" if has_reference else _num(cell.value, 3)), ""
     css = "worse" if cell.drop < -0.01 else ("better" if cell.drop > 0.01 else "")
     return f"{cell.value:.3f} ({cell.drop:+.3f})", css
 
@@ -188,8 +194,8 @@ def _encryption_section(runs: list[Run]) -> str:
     parts.append(
         _caption(
             "Payload bytes as Flower counts them (record contents, without transport framing), per node and per float parameter: upload is a train reply, download a train message (the task description included). "
-            "Train phase: from sending the round's train messages to the end of aggregation, mean over rounds; it includes the nodes' training. "
-            "Aggregation includes signature checks, update validation and, with canary promotion, the canary evaluation. Encryption: the slowest node's CKKS encryption per round, 0 for plaintext runs."
+            "Train phase: from sending the round's train messages to the end of aggregation, median over rounds; it includes the nodes' training, and round 1 also their start-up. "
+            "Aggregation includes signature checks, update validation and, with canary promotion, the canary evaluation. Encryption: the slowest node's CKKS encryption per round (median), 0 for plaintext runs."
         )
     )
     return "\n".join(parts)

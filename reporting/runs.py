@@ -95,6 +95,11 @@ class Run:
         return math.nan if value is None else float(value)
 
     @property
+    def metric_source(self) -> str:
+        """Where ``final_metric`` was measured: ``pooled test split`` or ``mean over nodes`` (``summary.json``'s ``global_source``)."""
+        return str((self.summary or {}).get("global_source", "unknown"))
+
+    @property
     def max_epsilon(self) -> float | None:
         """Largest epsilon over the nodes in the last round with privacy records; None without DP."""
         epsilons: dict[int, float] = {}

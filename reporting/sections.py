@@ -20,9 +20,13 @@ ENCRYPT_SECONDS_KEY = "encrypt_seconds"
 
 
 def metric_series(run: Run) -> tuple[str, list[tuple[int, float]]]:
-    """Return (source, [(round, primary metric)]): the pooled test split when scored there, else the node mean."""
+    """Return (source, [(round, primary metric)]): the pooled test split when scored there, else the nodes' mean.
+
+    The nodes' mean per round is weighted by test examples (the run log's
+    evaluate record), unlike ``summary.json``'s unweighted final mean.
+    """
     metric = run.primary_metric
-    for phase, source in (("server_evaluate", "pooled test split"), ("evaluate", "mean over nodes")):
+    for phase, source in (("server_evaluate", "pooled test split"), ("evaluate", "weighted mean over nodes")):
         points = [
             (int(r["round"]), float(r["metrics"][metric]))
             for r in run.records
@@ -43,28 +47,33 @@ class RobustnessCell:
     fraction: float
     value: float
     drop: float | None
+    source: str
 
 
 def robustness_cells(runs: list[Run]) -> list[RobustnessCell]:
     """Return one cell per finished run without differential privacy, with its change from attack-free FedAvg.
 
-    ``drop`` is ``value - reference`` (negative when the run scores lower),
-    or None when the folder holds no attack-free FedAvg run of that scenario.
-    With several attack-free FedAvg runs, the first by folder order is the
-    reference. DP runs are left out: they belong to the privacy-utility section.
+    ``drop`` is ``value - reference`` (negative when the run scores lower).
+    It is None when the folder holds no attack-free FedAvg run of that
+    scenario, or when the run's metric comes from another source than the
+    reference's (an encrypted run is scored as the mean over the nodes, a
+    plaintext run on the pooled test split). With several attack-free FedAvg
+    runs, the first by folder order is the reference. DP runs are left out:
+    they belong to the privacy-utility section.
     """
-    reference: dict[str, float] = {}
+    reference: dict[str, tuple[float, str]] = {}
     for run in runs:
         if run.summary is not None and run.strategy == "fedavg" and run.attack == "none" and run.privacy == "none":
-            reference.setdefault(run.scenario, run.final_metric)
+            reference.setdefault(run.scenario, (run.final_metric, run.metric_source))
 
     cells = []
     for run in runs:
         if run.summary is None or run.privacy != "none":
             continue
-        base = reference.get(run.scenario)
-        drop = None if base is None or math.isnan(run.final_metric) else run.final_metric - base
-        cells.append(RobustnessCell(run.scenario, run.strategy, run.attack, run.attack_fraction, run.final_metric, drop))
+        base, base_source = reference.get(run.scenario, (None, ""))
+        comparable = base is not None and base_source == run.metric_source and not math.isnan(run.final_metric)
+        drop = run.final_metric - base if comparable else None
+        cells.append(RobustnessCell(run.scenario, run.strategy, run.attack, run.attack_fraction, run.final_metric, drop, run.metric_source))
     return cells
 
 
@@ -98,9 +107,10 @@ def cost_rows(runs: list[Run]) -> list[CostRow]:
 
     Upload is a train reply's payload per node, download a train message's
     payload per node, each divided by the model's float parameters. Seconds
-    per round are the train phase (wait for replies plus aggregation), the
-    mean over rounds; encryption is the slowest node's encryption time per
-    round, averaged over rounds (0 for plaintext runs).
+    per round are the train phase (wait for replies plus aggregation); the
+    median over rounds keeps round 1, which includes the nodes' start-up,
+    from dominating. Encryption is the slowest node's encryption time per
+    round, median over rounds (0 for plaintext runs).
     """
     rows = []
     for run in runs:
@@ -133,9 +143,9 @@ def cost_rows(runs: list[Run]) -> list[CostRow]:
                 parameters=parameters,
                 upload_bytes_per_parameter=_mean(upload),
                 download_bytes_per_parameter=_mean(download),
-                round_seconds=_mean([c["wait_s"] + c["aggregate_s"] for c in costs]),
-                encrypt_seconds=_mean(list(encrypt.values())) if encrypt else 0.0,
-                aggregate_seconds=_mean([c["aggregate_s"] for c in costs]),
+                round_seconds=_median([c["wait_s"] + c["aggregate_s"] for c in costs]),
+                encrypt_seconds=_median(list(encrypt.values())) if encrypt else 0.0,
+                aggregate_seconds=_median([c["aggregate_s"] for c in costs]),
             )
         )
     return rows
@@ -207,3 +217,7 @@ def _record_event(record: dict[str, Any]) -> dict[str, Any] | None:
 
 def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else math.nan
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan

@@ -33,6 +33,7 @@ def _write_run(
     epsilons: tuple[float, ...] = (),
     bytes_per_node: tuple[int, int] = (40_000, 40_000),
     encrypt_seconds: float | None = None,
+    source: str = "pooled test split",
     extra_records: tuple[dict, ...] = (),
     audit: tuple[dict, ...] = (),
 ) -> None:
@@ -65,7 +66,7 @@ def _write_run(
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / "audit.jsonl").write_text("".join(json.dumps(e) + "\n" for e in audit))
 
-    summary = {"federated": {"global": {METRIC: curve[-1]}}, "parameters": 1000, "seconds": {"total": 12.5}, "primary_metric": METRIC}
+    summary = {"federated": {"global": {METRIC: curve[-1]}}, "global_source": source, "parameters": 1000, "seconds": {"total": 12.5}, "primary_metric": METRIC}
     if gains is not None:
         summary["gain"] = {node: {f"delta_{METRIC}": delta} for node, delta in gains.items()}
     (folder / "summary.json").write_text(json.dumps(summary))
@@ -92,7 +93,7 @@ def sweep(tmp_path: Path) -> Path:
         extra_records=({"phase": "trust", "round": 2, "event": "quarantined", "node": 1, "reputation": 0.0811, "until_round": 7, "scope": "node"},),
         audit=({"event": "update_rejected", "check": "signature", "round": 1, "partition": 1, "reason": "signature does not match the payload"},),
     )
-    _write_run(root / "3_he_fedavg", strategy="he_fedavg", encrypted=True, bytes_per_node=(82_500, 83_000), encrypt_seconds=0.375)
+    _write_run(root / "3_he_fedavg", strategy="he_fedavg", encrypted=True, bytes_per_node=(82_500, 83_000), encrypt_seconds=0.375, source="mean over nodes")
     _write_run(root / "4_dp_eps1", privacy="dp_sgd", epsilons=(0.98, 1.0), curve=(0.30, 0.70, 0.8125))
     _write_run(root / "5_dp_eps8", privacy="dp_sgd", epsilons=(7.5, 8.0), curve=(0.30, 0.75, 0.8875))
     failed = root / "6_fedavg"
@@ -120,6 +121,9 @@ def test_report_sections_have_numbers(sweep: Path, tmp_path: Path) -> None:
     assert "0.612 (-0.288)" in text
     assert "0.905 (+0.005)" in text
     assert "sign_flip 50 %" in text
+    # The encrypted run is scored on the nodes, the reference on the pooled split: no change shown.
+    assert "0.900 (other source)" in text
+    assert "mean over nodes" in text
     # Per-node gain against local-only.
     assert "+0.0512" in text
     assert "-0.0123" in text
