@@ -4,11 +4,11 @@ For each node count n, the server computes n squared norms, n(n-1)/2
 pairwise squared distances and n inner products with a reference, on
 updates encrypted under the ``scoring_8192`` preset
 (``crypto.ckks.scoring``), in one process. The script reports medians over
-the repeats of each phase's wall-clock and CPU seconds (this process; the
-statistics run in one thread, so CPU seconds are what an idle core would
-take, up to cache effects), the per-node encryption
-time, the committee's decryption time per scalar, and the bytes of one
-encrypted update and of one scalar ciphertext.
+the repeats of each phase's wall-clock and CPU seconds. The statistics run
+in one thread, so their CPU seconds estimate what an idle core would take.
+It also reports the per-node encryption time, the committee's decryption
+time per scalar, and the bytes of one encrypted update and of one scalar
+ciphertext.
 
 With ``--workers K`` it also times `ScoringWorkerPool` with K processes,
 starting from the serialized updates, so those times include loading the
