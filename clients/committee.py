@@ -219,6 +219,7 @@ def decrypt_request(
     run_id: int,
     node_config: dict[str, Any],
     secret: ScoringSecretContext | None = None,
+    node_id: int | None = None,
 ) -> ConfigRecord:
     """Check a request against the round's budget, then decrypt and round its scalars.
 
@@ -233,6 +234,8 @@ def decrypt_request(
         is given), and optionally ``num-partitions`` and ``scoring-decimals``.
     secret : ScoringSecretContext, optional
         The scoring secret context; read from ``ckks-secret-dir`` when None.
+    node_id : int, optional
+        This node's id, for the log.
 
     Returns
     -------
@@ -273,7 +276,8 @@ def decrypt_request(
         num_updates, Counter(kinds)
     )
     logger.info(
-        "committee: run %d round %d, decrypting %d scalars, used %s",
+        "committee: node %s, run %d round %d, decrypting %d scalars, used %s",
+        node_id,
         run_id,
         server_round,
         len(scalars),
@@ -302,7 +306,9 @@ def handle_scoring_query(msg: Message, context: Context) -> Message:
     try:
         if record is None:
             raise ScoringRequestRejected(f"message has no ConfigRecord {RECORD_KEY!r}")
-        reply = decrypt_request(record, msg.metadata.run_id, node_config)
+        reply = decrypt_request(
+            record, msg.metadata.run_id, node_config, node_id=context.node_id
+        )
     except (ScoringRequestRejected, CkksError) as error:
         logger.warning(
             "committee: node %d rejected the scoring request of run %d round %s from node %d: %s",
