@@ -61,7 +61,11 @@ def _write_run(
             records += [{"phase": "train", "round": server_round, "scope": "node", "node": node, "metrics": node_metrics} for node in (0, 1)]
             records.append({"phase": "cost", "round": server_round, "event": "train", "scope": "global", "bytes_sent": 2 * sent, "bytes_received": 2 * received, "wait_s": 2.0, "aggregate_s": 0.5})
             records += [{"phase": "privacy", "round": server_round, "event": "epsilon", "partition": node, "epsilon": epsilons[node] * server_round / (len(curve) - 1), "scope": "global"} for node in range(len(epsilons))]
-        records.append({"phase": "server_evaluate", "round": server_round, "scope": "global", "metrics": {METRIC: value}})
+        if source == "pooled test split":
+            records.append({"phase": "server_evaluate", "round": server_round, "scope": "global", "metrics": {METRIC: value}})
+        elif server_round > 0:
+            # The server cannot score an encrypted model; only the nodes' evaluation exists.
+            records.append({"phase": "evaluate", "round": server_round, "scope": "global", "sampled": 2, "replied": 2, "failures": [], "metrics": {METRIC: value}})
     records += list(extra_records)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / "audit.jsonl").write_text("".join(json.dumps(e) + "\n" for e in audit))
@@ -124,6 +128,7 @@ def test_report_sections_have_numbers(sweep: Path, tmp_path: Path) -> None:
     # The encrypted run is scored on the nodes, the reference on the pooled split: no change shown.
     assert "0.900 (other source)" in text
     assert "mean over nodes" in text
+    assert "weighted mean over nodes" in text
     # Per-node gain against local-only.
     assert "+0.0512" in text
     assert "-0.0123" in text
