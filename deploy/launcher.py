@@ -313,7 +313,7 @@ class LocalFederation:
         return outcome
 
     def _online_summary(self) -> str:
-        """Return which sites are online, for progress lines, listed at most every ONLINE_INTERVAL_S; never raises."""
+        """Return which sites are online for progress lines, listed at most every ONLINE_INTERVAL_S ("unknown" if listing fails)."""
         if not self.layout.tls:
             running = [p for p, daemon in sorted(self.supernodes.items()) if daemon.is_running()]
             return f"SuperNode processes running: {running}"
