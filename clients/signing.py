@@ -23,6 +23,7 @@ import functools
 import hashlib
 import io
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +65,21 @@ def record_hash(record: ArrayRecord) -> str:
     return digest.hexdigest()
 
 
+# NumPy parses ``.npy`` headers with ``ast.literal_eval``. On CPython 3.11,
+# parallel ``ast`` calls from several threads can raise "SystemError: AST
+# constructor recursion depth mismatch", and the server hashes replies in a
+# thread pool, so header parsing takes this lock. The hashing itself stays parallel.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def _npy_payload(array: Array) -> tuple[np.dtype, tuple[int, ...], int] | None:
     """Return (dtype, shape, offset of the raw bytes) of a C-ordered ``.npy`` buffer, else None."""
     buffer = io.BytesIO(array.data)
     try:
-        major, _ = npy_format.read_magic(buffer)
-        reader = npy_format.read_array_header_1_0 if major == 1 else npy_format.read_array_header_2_0
-        shape, fortran_order, dtype = reader(buffer)
+        with _NPY_HEADER_LOCK:
+            major, _ = npy_format.read_magic(buffer)
+            reader = npy_format.read_array_header_1_0 if major == 1 else npy_format.read_array_header_2_0
+            shape, fortran_order, dtype = reader(buffer)
     except ValueError:
         return None
     if fortran_order or dtype.hasobject:

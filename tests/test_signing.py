@@ -6,7 +6,10 @@ import hashlib
 import logging
 import os
 import stat
+import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +162,33 @@ def test_record_hash_fortran_order_fallback() -> None:
 
     assert node_signing.record_hash(record) == state_hash(record.to_torch_state_dict())
     assert node_signing.record_hash(record) == state_hash(OrderedDict(matrix=torch.from_numpy(np.ascontiguousarray(matrix))))
+
+
+def test_record_hash_parses_headers_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Parallel ast calls can crash CPython 3.11, and NumPy's header reader uses ast.
+    original = node_signing.npy_format.read_array_header_1_0
+    active, most_active = [0], [0]
+    guard = threading.Lock()
+
+    def slow_reader(buffer):
+        with guard:
+            active[0] += 1
+            most_active[0] = max(most_active[0], active[0])
+        time.sleep(0.002)
+        try:
+            return original(buffer)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    monkeypatch.setattr(node_signing.npy_format, "read_array_header_1_0", slow_reader)
+    records = [ArrayRecord(_state(seed)) for seed in range(16)]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        hashes = list(pool.map(node_signing.record_hash, records))
+
+    assert most_active[0] == 1
+    assert hashes == [state_hash(_state(seed)) for seed in range(16)]
 
 
 def test_base_hash_plaintext_message() -> None:
