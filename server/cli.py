@@ -27,24 +27,38 @@ from crypto.ckks import params as ckks_presets
 logger = logging.getLogger(__name__)
 
 
+# Dataset keys of which one is enough: the fraud scenario reads the full file
+# or, when it is absent, the 50k subsample.
+ALTERNATIVE_FILES = (("fraud/full", "fraud/sub50k"),)
+
+
 def _data_check(args: argparse.Namespace) -> int:
-    """Verify every registered dataset file under the data root; exit 1 if any is missing or corrupt."""
+    """Verify every registered dataset file under the data root; exit 1 if a scenario lacks a usable file."""
     from scenarios.datasets import FILES, ChecksumError, DatasetError, ensure_file, resolve_data_root
 
     root = resolve_data_root(args.root)
     print(f"data root: {root}")
-    failed = 0
+    missing, invalid = set(), set()
     for key in sorted(FILES):
         try:
             path = ensure_file(key, root, allow_download=args.download)
             print(f"  ok       {key:32s} {path}")
         except DatasetError as error:
-            failed += 1
             first_line = str(error).splitlines()[0]
+            (invalid if isinstance(error, ChecksumError) else missing).add(key)
             status = "invalid" if isinstance(error, ChecksumError) else "missing"
             print(f"  {status:8s} {key:32s} {first_line}")
+
+    # A missing file is fine when another file of its group is usable; a corrupt one never is.
+    for group in ALTERNATIVE_FILES:
+        if any(key not in missing and key not in invalid for key in group):
+            for key in missing.intersection(group):
+                print(f"  {key} is not needed: {' or '.join(group)} is enough, and one of them is usable.")
+            missing -= set(group)
+
+    failed = len(missing) + len(invalid)
     if failed:
-        print(f"{failed} file(s) not usable. The fraud scenario needs only one of fraud/full and fraud/sub50k.")
+        print(f"{failed} file(s) not usable; set FEDSEAL_DATA_DIR or --root to the datasets folder, or pass --download.")
     return 1 if failed else 0
 
 
