@@ -85,12 +85,16 @@ def task_spec(cfg: DictConfig, run_dir: Path | None = None) -> TaskSpec:
     )
 
 
+class ConfigError(ValueError):
+    """A setting is outside its allowed range; the message names the key, the value and the range."""
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Reject settings that would fail later in a less readable way.
 
     Raises
     ------
-    ValueError
+    ConfigError
         Naming the key, the value and the allowed range.
     """
     checks = [
@@ -105,7 +109,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key, ok, allowed in checks:
         if not ok:
             value = OmegaConf.select(cfg, key)
-            raise ValueError(f"Invalid setting {key}={value}: it must be {allowed}. Override it, e.g. `{key}=...`.")
+            raise ConfigError(f"Invalid setting {key}={value}: it must be {allowed}. Override it, e.g. `{key}=...`.")
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -52,9 +52,21 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         write_failure(run_dir, error, _overrides())
         shutdown_ray()
         if not multirun:
+            if _is_user_error(error):
+                # A wrong setting or data folder: the message names the fix, a traceback would bury it.
+                logger.error("%s", error)
+                raise SystemExit(2) from None
             raise
         logger.error("Job %s failed: %s: %s. Details in %s; the sweep continues.", run_dir.name, type(error).__name__, error, run_dir / FAILED_NAME)
         return None
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """Tell whether ``error`` comes from a setting or data folder the user can fix, not from a bug."""
+    from scenarios.datasets import DatasetError
+    from server.config import ConfigError
+
+    return isinstance(error, (ConfigError, DatasetError))
 
 
 def sweep_group(sweep_dir: Path) -> str:

@@ -40,6 +40,10 @@ def run_in_simulation(cfg: DictConfig, run_dir: Path) -> dict:
         If the ServerApp did not write ``summary.json`` (the run failed; the
         cause is in the log above).
     """
+    from server.config import validate_config
+
+    # Fail on a bad setting before keys are made and Ray starts.
+    validate_config(cfg)
     keep_local()
     from flwr.simulation import run_simulation
 
