@@ -200,12 +200,25 @@ def _models_decrypt(args: argparse.Namespace) -> int:
     from server.model_store import read_batch
 
     run_dir = Path(args.run_dir)
+    encrypted = run_dir / ENCRYPTED_CHECKPOINT_NAME
+    if not encrypted.exists():
+        plain = " (it holds model_final.pt: the run was not encrypted, so load that file instead)" if (run_dir / "model_final.pt").exists() else ""
+        print(f"error: {encrypted} not found{plain}; pass the folder of a run with strategy=he_fedavg.", file=sys.stderr)
+        return 2
     initial = torch.load(run_dir / INITIAL_MODEL_NAME)
-    drift_batch = read_batch(run_dir / ENCRYPTED_CHECKPOINT_NAME)
-    secret = ckks.read_secret_context(args.secret_dir)
+    drift_batch = read_batch(encrypted)
+    try:
+        secret = ckks.read_secret_context(args.secret_dir)
+        base = flatten(initial)
+        drift = ckks.decrypt_sum(secret, drift_batch, base.size)
+    except ckks.ContextFileError:
+        print(f"error: no secret context ({ckks.SECRET_CONTEXT_FILENAME}) in {args.secret_dir}; pass --secret-dir the node/ folder written by `fedseal keys init`, or RUN_DIR/keys/node for a simulation's own keys.", file=sys.stderr)
+        return 2
+    except ckks.FingerprintMismatchError:
+        print(f"error: the secret context in {args.secret_dir} does not match the key the model in {encrypted} was encrypted under; pass the node/ folder of this run's keys.", file=sys.stderr)
+        return 2
 
-    base = flatten(initial)
-    state = unflatten(base + ckks.decrypt_sum(secret, drift_batch, base.size), initial)
+    state = unflatten(base + drift, initial)
     torch.save(state, args.out)
     print(f"Decrypted model written to {args.out}")
     return 0
