@@ -32,3 +32,6 @@ def keep_local() -> None:
     # Flower's logger has its own handler; propagating to the root logger
     # (which Hydra configures) would print every line twice.
     logging.getLogger("flwr").propagate = False
+    # Flower's state database runs Alembic migrations, which log every plugin
+    # at INFO on each start; they say nothing a user acts on.
+    logging.getLogger("alembic").setLevel(logging.WARNING)

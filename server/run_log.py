@@ -166,11 +166,12 @@ class RunLog:
 
     def _show(self, server_round: int, value: float | None, source: str) -> None:
         elapsed = time.monotonic() - self._started
-        eta = elapsed / server_round * (self.num_rounds - server_round) if server_round else float("nan")
+        # Round 0 scores the initial model, so no round time is known yet.
+        eta = f"{elapsed / server_round * (self.num_rounds - server_round):.0f}s" if server_round else "n/a"
         metric = "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
         line = (
             f"round {server_round}/{self.num_rounds} | nodes answered {self._answered or '-'} | "
-            f"{self.primary_metric} {metric} ({source}) | elapsed {elapsed:.0f}s | eta {eta:.0f}s"
+            f"{self.primary_metric} {metric} ({source}) | elapsed {elapsed:.0f}s | eta {eta}"
         )
         self._progress.update(server_round, line)
 

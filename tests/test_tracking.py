@@ -334,3 +334,19 @@ def test_tracker_audit_waits_for_whole_lines(tmp_path: Path) -> None:
 
     assert [event["event"] for event in entry.events] == ["rejected_signature", "rollback"]
     assert entry.scalars["canary/rolled_back"] == 1.0
+
+
+def test_progress_line_round_zero_eta(tmp_path, caplog) -> None:
+    from server.run_log import RunLog
+
+    run_log = RunLog(tmp_path / "metrics.jsonl", 2, "roc_auc")
+    with caplog.at_level(logging.INFO, logger="server.run_log"):
+        run_log.on_server_evaluate(0, {"roc_auc": 0.5})
+        run_log.on_server_evaluate(1, {"roc_auc": 0.75})
+    run_log.close()
+
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("round ")]
+    assert lines[0].startswith("round 0/2 | nodes answered - | roc_auc 0.5000 (pooled test)")
+    assert lines[0].endswith("| eta n/a")
+    assert "roc_auc 0.7500" in lines[1]
+    assert "nan" not in lines[1]
