@@ -65,7 +65,7 @@ def test_sweep_survives_failed_job(sweep: tuple[Path, subprocess.CompletedProces
 
     assert result.returncode == 0, result.stderr[-3000:]
     failure = json.loads((sweep_dir / FAILED_JOB / "failed.json").read_text())
-    assert failure["error"] == "ValueError"
+    assert failure["error"] == "ConfigError"
     assert "train.lr=-1" in failure["message"]
     assert "train.lr=-1" in failure["overrides"]
     assert not (sweep_dir / FAILED_JOB / "summary.json").exists()
