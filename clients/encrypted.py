@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from crypto import ckks
-from crypto.ckks.params import SAFETY_MARGIN
+from crypto.ckks.params import SAFETY_MARGIN, wider_presets
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +191,8 @@ def global_state(
 
 def _wider_presets(preset: ckks.Preset) -> str:
     """Name the presets whose headroom exceeds ``preset``'s, as Hydra overrides."""
-    wider = [p.name for p in ckks.PRESETS.values() if p.headroom() > preset.headroom()]
-    return ", ".join(f"security={name}" for name in sorted(wider)) or "none is registered"
+    wider = sorted(other.name for other in wider_presets(preset))
+    return ", ".join(f"security={name}" for name in wider) or "none is registered"
 
 
 def encrypt_delta(

@@ -78,6 +78,7 @@ __all__ = [
     "get_preset",
     "preflight",
     "preset_by_wire_id",
+    "wider_presets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -560,18 +561,21 @@ def _wrap_reason(preset: Preset, report: PreflightReport) -> str:
         f"Keep sum(weights) * norm_bound <= {max_aggregate_bound:.6g}: lower norm_bound "
         f"to <= {max_aggregate_bound / report.weight_sum:.6g}, renormalise the weights "
         f"to sum to <= {max_aggregate_bound / report.norm_bound:.6g} (or use fewer nodes), "
-        f"or choose a preset with more headroom: {_wider_than(preset)}."
+        f"or choose a preset with more headroom: {_describe(wider_presets(preset))}."
     )
 
 
-def _wider_than(preset: Preset) -> str:
-    """Name the registered presets whose headroom exceeds ``preset``'s."""
-    wider = sorted(
-        (p for p in PRESETS.values() if p.headroom() > preset.headroom()), key=Preset.headroom
-    )
-    if not wider:
+def wider_presets(preset: Preset) -> list[Preset]:
+    """Return the registered presets whose headroom exceeds ``preset``'s, smallest headroom first."""
+    wider = (other for other in PRESETS.values() if other.headroom() > preset.headroom())
+    return sorted(wider, key=Preset.headroom)
+
+
+def _describe(presets: list[Preset]) -> str:
+    """Name each preset with its headroom, for error messages."""
+    if not presets:
         return "none is registered"
-    return ", ".join(f"{p.name!r} (headroom {p.headroom():.4g})" for p in wider)
+    return ", ".join(f"{other.name!r} (headroom {other.headroom():.4g})" for other in presets)
 
 
 def _precision_reason(preset: Preset, report: PreflightReport) -> str:
