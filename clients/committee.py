@@ -270,8 +270,8 @@ def decrypt_request(
     scalars = [ScalarCiphertext.from_bytes(secret, item) for item in data]
 
     # Charge before decrypting: a crash after decryption must not return budget.
-    # TODO: the round number is the server's claim, so a malicious server gets a fresh
-    # budget by naming a new round; tie it to the round this node last saw in training.
+    # TODO: the round number comes from the server, so a malicious server gets a fresh
+    # budget by naming a new round. Tie it to the last round this node trained in.
     used = ScoringBudget(state_dir, run_id, server_round).charge(
         num_updates, Counter(kinds)
     )
@@ -285,8 +285,8 @@ def decrypt_request(
     )
 
     decimals = int(node_config.get(DECIMALS_KEY, DEFAULT_DECIMALS))
-    # TODO: add noise flooding before rounding; rounding alone does not hide CKKS noise
-    # for values near a rounding boundary, and that noise leaks the secret key.
+    # TODO: add noise flooding before rounding. Rounding alone does not hide the CKKS
+    # noise of values near a rounding boundary, and that noise leaks the secret key.
     values = [round(decrypt_scalar(secret, scalar), decimals) for scalar in scalars]
     return ConfigRecord({"labels": labels, "values": values})
 

@@ -240,26 +240,26 @@ class LocalFederation:
         RuntimeError
             If a SuperNode exits first or the wait times out; the message names the sites and their log tails.
         """
-        wanted = sorted(partitions if partitions is not None else range(self.layout.num_nodes))
+        expected = sorted(partitions if partitions is not None else range(self.layout.num_nodes))
         online: list[int] = []
 
         def all_online() -> bool:
             nonlocal online
-            exited = [p for p in wanted if p in self.supernodes and self.supernodes[p].poll() is not None]
+            exited = [p for p in expected if p in self.supernodes and self.supernodes[p].poll() is not None]
             if exited:
                 raise RuntimeError(self._exit_report(exited))
             if not self.layout.tls:
                 # Without authentication the SuperLink assigns fresh ids; a running process is all we can check.
-                online = [p for p in wanted if "SuperNode ID" in self.supernodes[p].log_text()]
+                online = [p for p in expected if "SuperNode ID" in self.supernodes[p].log_text()]
             else:
-                online = [p for p in self.online_partitions() if p in wanted]
-            return online == wanted
+                online = [p for p in self.online_partitions() if p in expected]
+            return online == expected
 
         def progress() -> str:
-            return f"SuperNodes online: {len(online)}/{len(wanted)} (sites {online or 'none'})"
+            return f"SuperNodes online: {len(online)}/{len(expected)} (sites {online or 'none'})"
 
         if not wait_for(all_online, timeout_s, 2.0, progress):
-            raise RuntimeError(f"Timed out after {timeout_s:.0f} s waiting for SuperNodes; online: {online}, expected: {wanted}.")
+            raise RuntimeError(f"Timed out after {timeout_s:.0f} s waiting for SuperNodes; online: {online}, expected: {expected}.")
         self.echo(f"SuperNodes online: {len(wanted)}/{len(wanted)}")
 
     def _exit_report(self, partitions: list[int]) -> str:

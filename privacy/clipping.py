@@ -5,7 +5,7 @@ gradient of every parameter (batch x out x in for a weight), takes their
 norms and then sums the clipped copies. On the small MLPs of the tabular
 scenarios this costs several times a non-private step.
 
-For a linear layer ``z = a @ W.T + b`` that sees one input row per example,
+For a linear layer ``z = a @ W.T + b`` that receives one input row per example,
 example ``i``'s gradient is ``outer(g_i, a_i)`` for ``W`` and ``g_i`` for
 ``b``, where ``g_i`` is the gradient of example ``i``'s loss with respect
 to its output row ``z_i``. Its squared norm is therefore
@@ -214,9 +214,9 @@ class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
     ``noise_multiplier * max_grad_norm``, divides by the expected batch size
     and calls the accountant's step hook, as every Opacus optimizer does.
     ``zero_grad``, ``accumulate`` and ``add_noise`` differ from the parent
-    class (Opacus 1.6) only in memory use and overhead: they work in place
-    on the tensors the clipper writes every step, in place of Opacus's deep
-    copy, zero tensor and new sum per parameter. The noise draws are the same.
+    class (Opacus 1.6) only in memory use and overhead. They work in place
+    on the tensors the clipper writes every step. Opacus makes a deep copy,
+    a zero tensor and a new sum per parameter. The noise draws are the same.
     """
 
     def zero_grad(self, set_to_none: bool = False) -> None:

@@ -18,7 +18,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    """Build the report; exit 1 with the reason when the folder holds no run."""
+    """Build the report; exit 1 with the reason when the folder contains no run."""
     from reporting import build_report
 
     try:

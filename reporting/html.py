@@ -59,7 +59,7 @@ def build_report(source: Path, out_dir: Path) -> Path:
     Raises
     ------
     FileNotFoundError
-        If ``source`` holds no run.
+        If ``source`` contains no run.
     """
     runs = discover_runs(source)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +152,11 @@ def _robustness_section(runs: list[Run]) -> str:
 def _robust_cell(cell: Any, has_reference: bool) -> tuple[str, str]:
     if cell.drop is None:
         return (f"{_num(cell.value, 3)} (other source)" if has_reference else _num(cell.value, 3)), ""
-    css = "worse" if cell.drop < -0.01 else ("better" if cell.drop > 0.01 else "")
+    css = ""
+    if cell.drop < -0.01:
+        css = "worse"
+    elif cell.drop > 0.01:
+        css = "better"
     return f"{cell.value:.3f} ({cell.drop:+.3f})", css
 
 

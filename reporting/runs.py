@@ -1,6 +1,6 @@
 """Load finished and failed runs from a run folder or a multirun folder.
 
-A run folder is one that holds ``summary.json`` (finished) or
+A run folder is one that contains ``summary.json`` (finished) or
 ``failed.json`` (failed). Its configuration is ``config.yaml`` (resolved, written
 when training starts) or, for a job that failed before that, Hydra's
 ``.hydra/config.yaml``. ``metrics.jsonl`` and ``audit.jsonl`` are read when present.
@@ -117,14 +117,14 @@ def discover_runs(root: Path) -> list[Run]:
     Raises
     ------
     FileNotFoundError
-        If ``root`` does not exist or holds no run folder.
+        If ``root`` does not exist or contains no run folder.
     """
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; pass a run folder or a multirun folder (fedseal report DIR --out OUTDIR).")
 
     folders = sorted({path.parent for name in ("summary.json", "failed.json") for path in root.rglob(name)})
     if not folders:
-        raise FileNotFoundError(f"No run found under {root}: no folder holds summary.json or failed.json.")
+        raise FileNotFoundError(f"No run found under {root}: no folder under it contains summary.json or failed.json; pass a run or multirun folder written by fedseal-train.")
     runs = [load_run(folder) for folder in folders]
     for run in runs:
         run.label = str(run.path.relative_to(root)) if run.path != root else run.path.name

@@ -54,10 +54,10 @@ def robustness_cells(runs: list[Run]) -> list[RobustnessCell]:
     """Return one cell per finished run without differential privacy, with its change from attack-free FedAvg.
 
     ``drop`` is ``value - reference`` (negative when the run scores lower).
-    It is None when the folder holds no attack-free FedAvg run of that
-    scenario, or when the run's metric comes from another source than the
-    reference's (an encrypted run is scored as the mean over the nodes, a
-    plaintext run on the pooled test split). With several attack-free FedAvg
+    It is None when the folder contains no attack-free FedAvg run of that
+    scenario. It is also None when the run's metric comes from another source
+    than the reference's: an encrypted run is scored as the mean over the
+    nodes, a plaintext run on the pooled test split. With several attack-free FedAvg
     runs, the first by folder order is the reference. DP runs are left out:
     they belong to the privacy-utility section.
     """
@@ -107,7 +107,7 @@ def cost_rows(runs: list[Run]) -> list[CostRow]:
 
     Upload is a train reply's payload per node, download a train message's
     payload per node, each divided by the model's float parameters. Seconds
-    per round are the train phase (wait for replies plus aggregation); the
+    per round are the train phase (wait for replies plus aggregation). The
     median over rounds keeps round 1, which includes the nodes' start-up,
     from dominating. Encryption is the slowest node's encryption time per
     round, median over rounds (0 for plaintext runs).
@@ -171,12 +171,12 @@ def privacy_points(runs: list[Run]) -> list[PrivacyPoint]:
     """
     private = [run for run in runs if run.summary is not None and run.max_epsilon is not None]
     points = [PrivacyPoint(run.scenario, run.strategy, run.max_epsilon, run.final_metric, run.label) for run in private]
-    wanted = {(run.scenario, run.strategy) for run in private}
+    missing_references = {(run.scenario, run.strategy) for run in private}
     for run in runs:
         key = (run.scenario, run.strategy)
-        if key in wanted and run.summary is not None and run.privacy == "none" and run.attack == "none" and not run.encrypted:
+        if key in missing_references and run.summary is not None and run.privacy == "none" and run.attack == "none" and not run.encrypted:
             points.append(PrivacyPoint(run.scenario, run.strategy, None, run.final_metric, run.label))
-            wanted.discard(key)
+            missing_references.discard(key)
     return sorted(points, key=lambda p: (p.scenario, math.inf if p.epsilon is None else p.epsilon))
 
 

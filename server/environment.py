@@ -33,5 +33,5 @@ def keep_local() -> None:
     # (which Hydra configures) would print every line twice.
     logging.getLogger("flwr").propagate = False
     # Flower's state database runs Alembic migrations, which log every plugin
-    # at INFO on each start; they say nothing a user acts on.
+    # at INFO on each start. None of those lines needs any action.
     logging.getLogger("alembic").setLevel(logging.WARNING)

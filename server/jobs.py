@@ -5,8 +5,10 @@ process. An exception that escapes a job is stored by Hydra, the remaining
 jobs still run, and the sweep then exits with that first error, leaving
 nothing in the failed job's folder but its log. Here a failed job writes
 ``failed.json`` to its folder, logs one error line and returns, so the sweep
-report can list it; ``FailedJobs`` names all failed jobs when the sweep ends.
-A single run re-raises, so its exit status stays non-zero.
+report can list it. ``FailedJobs`` names all failed jobs when the sweep ends.
+A single run re-raises, so its exit status stays non-zero. A single run that
+fails on a setting or a data folder logs the message without a traceback
+and exits 2.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def shutdown_ray() -> None:
 
 
 class FailedJobs(Callback):
-    """Hydra callback: at the end of a multirun, log every job folder that holds ``failed.json``."""
+    """Hydra callback: at the end of a multirun, log every job folder that contains ``failed.json``."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Log the failed jobs of the sweep, or nothing when every job finished."""

@@ -110,7 +110,7 @@ class RecordingStrategy(Strategy):
         """Send the phase's payload bytes and timings to the sink as one ``cost`` line.
 
         ``wait_s`` runs from the end of ``configure_*`` to the arrival of the
-        replies, so it holds the nodes' work and the transport. ``aggregate_s``
+        replies, so it includes the nodes' work and the transport. ``aggregate_s``
         is everything the inner stack does with the replies: signature checks,
         validation, the rule itself and, with canary promotion, the canary
         nodes' evaluation exchange.

@@ -110,7 +110,7 @@ def test_update_is_mean_of_clipped_gradients(
     trainer.train_round(state, epochs=1, loss_seed=1)
 
     assert trainer.clipping == mode
-    # A batch of all rows: the sampling rate is 1, so every step sees every example.
+    # A batch of all rows: the sampling rate is 1, so every step uses every example.
     assert trainer.sample_rate == 1.0
     assert trainer.steps_per_epoch == 1
     assert (norms > max_grad_norm).sum() >= ROWS // 2 - 1

@@ -167,13 +167,13 @@ def test_record_hash_fortran_order_fallback() -> None:
 def test_record_hash_parses_headers_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     # Parallel ast calls can crash CPython 3.11, and NumPy's header reader uses ast.
     original = node_signing.npy_format.read_array_header_1_0
-    active, most_active = [0], [0]
+    active, max_active = [0], [0]
     guard = threading.Lock()
 
     def slow_reader(buffer):
         with guard:
             active[0] += 1
-            most_active[0] = max(most_active[0], active[0])
+            max_active[0] = max(max_active[0], active[0])
         time.sleep(0.002)
         try:
             return original(buffer)
@@ -187,7 +187,7 @@ def test_record_hash_parses_headers_one_at_a_time(monkeypatch: pytest.MonkeyPatc
     with ThreadPoolExecutor(max_workers=8) as pool:
         hashes = list(pool.map(node_signing.record_hash, records))
 
-    assert most_active[0] == 1
+    assert max_active[0] == 1
     assert hashes == [state_hash(_state(seed)) for seed in range(16)]
 
 

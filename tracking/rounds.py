@@ -1,7 +1,7 @@
 """Fold a run's records into one W&B-ready log entry per round.
 
 Two streams feed a round. The run log (``metrics.jsonl``, see
-``server.run_log``) holds metrics, robustness and privacy events and the
+``server.run_log``) contains metrics, robustness and privacy events and the
 ``cost`` lines. The audit log (``audit.jsonl``) adds the events that only it
 records: signature and decryption rejections (``update_rejected``) and canary
 ``promotion`` and ``rollback``. Both are plain dicts here, so this module

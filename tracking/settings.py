@@ -33,7 +33,7 @@ class TrackingSettings:
     dir : str, optional
         Folder for W&B's files; None puts them in the run's output folder.
     init_timeout_s : float
-        Longest wait for ``wandb.init``, in seconds.
+        Maximum wait for ``wandb.init``, in seconds.
     tags : tuple of str
         W&B tags of the run.
     """
