@@ -260,7 +260,7 @@ class LocalFederation:
 
         if not wait_for(all_online, timeout_s, 2.0, progress):
             raise RuntimeError(f"Timed out after {timeout_s:.0f} s waiting for SuperNodes; online: {online}, expected: {expected}.")
-        self.echo(f"SuperNodes online: {len(wanted)}/{len(wanted)}")
+        self.echo(f"SuperNodes online: {len(expected)}/{len(expected)}")
 
     def _exit_report(self, partitions: list[int]) -> str:
         parts = [f"SuperNode {p} exited with code {self.supernodes[p].poll()}. Log tail:\n{self.supernodes[p].log_text()[-2000:]}" for p in partitions]
