@@ -17,6 +17,21 @@ Request (ConfigRecord ``scoring``): ``server-round`` int, ``num-updates`` int,
 ``kinds`` list of "norm" | "distance" | "inner", ``labels`` list of str,
 ``scalars`` list of bytes (`ScalarCiphertext.serialize`).
 Reply (ConfigRecord ``scoring``): ``labels`` and ``values`` (list of float).
+
+Two hardening steps limit what a malicious server learns:
+
+- Round binding: the train and evaluate handlers record the highest round
+  this node has seen in the run (`record_seen_round`), and a request for any
+  other round is rejected. A server that invents a round number gets no new
+  budget unless it also sends this node a train or evaluate message for it.
+- Noise flooding: before rounding, each value gets Gaussian noise with
+  standard deviation ``scoring-flooding-std`` (node config, default 5e-8).
+  That is about 50 times the CKKS decryption noise of a statistic of
+  magnitude 1 (about 1e-9) and a tenth of the rounding step's half width
+  (5e-7), so a value near a rounding boundary no longer reveals the CKKS
+  noise exactly. NOTE: 50 times is a heuristic margin, not the
+  statistical-distance bound of formal noise flooding, which needs noise
+  about 2^40 times larger than the CKKS noise and so far above the rounding.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -54,6 +70,9 @@ __all__ = [
     "budget_limits",
     "decrypt_request",
     "handle_scoring_query",
+    "last_seen_round",
+    "record_seen_round",
+    "scoring_node_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,7 +89,11 @@ KINDS = (KIND_NORM, KIND_DISTANCE, KIND_INNER)
 
 DECIMALS_KEY = "scoring-decimals"
 DEFAULT_DECIMALS = 6
+FLOODING_KEY = "scoring-flooding-std"
+DEFAULT_FLOODING_STD = 5e-8
 BUDGET_DIR = "scoring-budget"
+# ConfigRecord with the task spec, which simulated nodes read their key and state folders from.
+TASK_RECORD_KEY = "config"
 
 
 class ScoringRequestRejected(Exception):
@@ -165,6 +188,53 @@ class ScoringBudget:
 
             _write_json(self.path, {"num_updates": num_updates, "used": used})
             return used
+
+
+def _seen_path(state_dir: Path, run_id: int) -> Path:
+    folder = Path(state_dir) / BUDGET_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder / f"run-{run_id}-seen.json"
+
+
+def record_seen_round(state_dir: Path, run_id: int, server_round: int) -> int:
+    """Store `server_round` as the highest round this node has seen in run `run_id`; return that highest round.
+
+    The train and evaluate handlers call it, so `decrypt_request` can reject
+    requests for rounds that this node never took part in.
+    """
+    path = _seen_path(state_dir, run_id)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        highest = max(last_seen_round(state_dir, run_id) or 0, int(server_round))
+        _write_json(path, {"round": highest})
+    return highest
+
+
+def last_seen_round(state_dir: Path, run_id: int) -> int | None:
+    """Return the highest round recorded by `record_seen_round` for run `run_id`, or None."""
+    path = _seen_path(state_dir, run_id)
+    if not path.exists():
+        return None
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["round"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ScoringRequestRejected(f"round file {path} is unreadable ({error}); inspect or remove it by hand") from error
+
+
+def _check_round_binding(state_dir: Path, run_id: int, server_round: int) -> None:
+    seen = last_seen_round(state_dir, run_id)
+    if seen != server_round:
+        raise ScoringRequestRejected(
+            f"request is for round {server_round}, but the last train or evaluate message this node saw in run {run_id} "
+            f"was for round {seen}; a committee decrypts only for the current round"
+        )
+
+
+def _flooded(value: float, std: float) -> float:
+    """Return `value` plus Gaussian noise of standard deviation `std` from the operating system's generator."""
+    if std <= 0.0:
+        return value
+    return value + secrets.SystemRandom().gauss(0.0, std)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -269,9 +339,8 @@ def decrypt_request(
     # Load first, so malformed or foreign scalars do not use budget.
     scalars = [ScalarCiphertext.from_bytes(secret, item) for item in data]
 
+    _check_round_binding(state_dir, run_id, server_round)
     # Charge before decrypting: a crash after decryption must not return budget.
-    # TODO: the round number comes from the server, so a malicious server gets a fresh
-    # budget by naming a new round. Tie it to the last round this node trained in.
     used = ScoringBudget(state_dir, run_id, server_round).charge(
         num_updates, Counter(kinds)
     )
@@ -285,10 +354,43 @@ def decrypt_request(
     )
 
     decimals = int(node_config.get(DECIMALS_KEY, DEFAULT_DECIMALS))
-    # TODO: add noise flooding before rounding. Rounding alone does not hide the CKKS
-    # noise of values near a rounding boundary, and that noise leaks the secret key.
-    values = [round(decrypt_scalar(secret, scalar), decimals) for scalar in scalars]
+    flooding = float(node_config.get(FLOODING_KEY, DEFAULT_FLOODING_STD))
+    values = [round(_flooded(decrypt_scalar(secret, scalar), flooding), decimals) for scalar in scalars]
     return ConfigRecord({"labels": labels, "values": values})
+
+
+def scoring_node_config(node_config: dict[str, Any], encryption: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the node config with ``state-dir`` and ``ckks-secret-dir`` filled in from the task, where unset.
+
+    Simulated nodes have no node config of their own beyond their partition,
+    so they take the folders the task's encryption settings name: the run's
+    key folder, and one state folder per partition under ``state_dir``. A
+    SuperNode's own ``--node-config`` settings always win.
+
+    NOTE: a folder named by the task is chosen by the server, so a malicious
+    server could name a fresh state folder and with it a fresh budget. Real
+    deployments set ``state-dir`` in the node config (``deploy/`` does).
+    """
+    merged = dict(node_config)
+    if not encryption:
+        return merged
+    if not merged.get("ckks-secret-dir") and encryption.get("secret_dir"):
+        merged["ckks-secret-dir"] = str(encryption["secret_dir"])
+    if not merged.get(node_state.STATE_DIR_KEY) and encryption.get("state_dir") and "partition-id" in merged:
+        merged[node_state.STATE_DIR_KEY] = str(Path(str(encryption["state_dir"])) / f"partition-{int(merged['partition-id'])}")
+    return merged
+
+
+def _task_encryption(msg: Message) -> dict[str, Any] | None:
+    """Return the encryption settings of the task the message carries, or None."""
+    record = msg.content.config_records.get(TASK_RECORD_KEY)
+    if record is None:
+        return None
+    from scenarios.spec import TASK_KEY, TaskSpec
+
+    if TASK_KEY not in record:
+        return None
+    return TaskSpec.from_json(str(record[TASK_KEY])).encryption
 
 
 def handle_scoring_query(msg: Message, context: Context) -> Message:
@@ -301,15 +403,15 @@ def handle_scoring_query(msg: Message, context: Context) -> Message:
     context : Context
         The ClientApp context; its node config names the key and state folders.
     """
-    node_config = dict(context.node_config)
     record = msg.content.config_records.get(RECORD_KEY)
     try:
+        node_config = scoring_node_config(dict(context.node_config), _task_encryption(msg))
         if record is None:
             raise ScoringRequestRejected(f"message has no ConfigRecord {RECORD_KEY!r}")
         reply = decrypt_request(
             record, msg.metadata.run_id, node_config, node_id=context.node_id
         )
-    except (ScoringRequestRejected, CkksError) as error:
+    except (ScoringRequestRejected, CkksError, ValueError, KeyError) as error:
         logger.warning(
             "committee: node %d rejected the scoring request of run %d round %s from node %d: %s",
             context.node_id,

@@ -30,6 +30,7 @@ from clients.committee import (
     KIND_NORM,
     RECORD_KEY,
     SCORING_QUERY,
+    TASK_RECORD_KEY,
 )
 from crypto.ckks.scoring import (
     ScalarCiphertext,
@@ -272,6 +273,9 @@ class CommitteeDecryptor:
         Seed of the committee draw.
     members : sequence of int, optional
         Fixed committee instead of a draw.
+    task : ConfigRecord, optional
+        The task record, sent along so that simulated members find their key
+        and state folders (``clients.committee.scoring_node_config``).
     """
 
     grid: Grid
@@ -280,6 +284,7 @@ class CommitteeDecryptor:
     timeout: float = 600.0
     seed: int = 0
     members: Sequence[int] | None = None
+    task: ConfigRecord | None = None
     last_committee: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -332,9 +337,12 @@ class CommitteeDecryptor:
                 "scalars": [request.scalar.serialize() for request in requests],
             }
         )
+        content = RecordDict({RECORD_KEY: record})
+        if self.task is not None:
+            content[TASK_RECORD_KEY] = self.task
         messages = [
             Message(
-                content=RecordDict({RECORD_KEY: record}),
+                content=content,
                 message_type=SCORING_MESSAGE_TYPE,
                 dst_node_id=node_id,
             )
@@ -484,8 +492,6 @@ def score_round(
         Whether to compute pairwise squared distances.
     """
     requests = build_round_requests(context, updates, reference, distances=distances)
-    # TODO: the he_robust strategy (rule=norm_bound|krum|multikrum|trust) turns these
-    # scores into weights and sums the selected encrypted updates, as he_fedavg does.
     return decrypt_scores(decryptor, server_round, len(updates), requests)
 
 
