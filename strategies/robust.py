@@ -76,9 +76,28 @@ def select_multikrum_centred(contents: list[RecordDict], num_malicious_nodes: in
     record_key = next(iter(contents[0].array_records.keys()))
     vectors = np.stack([flatten_floats(cast(ArrayRecord, content[record_key])) for content in contents])
 
-    scores = krum_scores(centred_squared_distances(vectors), num_malicious_nodes)
-    best = np.argsort(scores, kind="stable")[:num_nodes_to_select]
+    best = multikrum_selection(centred_squared_distances(vectors), num_malicious_nodes, num_nodes_to_select)
     return [contents[i] for i in best]
+
+
+def multikrum_selection(distances: np.ndarray, num_malicious: int, num_selected: int) -> list[int]:
+    """Return the positions of the ``num_selected`` vectors with the lowest Krum scores, best first.
+
+    Parameters
+    ----------
+    distances : np.ndarray
+        Pairwise squared L2 distances, shape (n, n), symmetric. The plaintext
+        rules compute them with ``centred_squared_distances``; ``he_robust``
+        gets them decrypted from encrypted updates.
+    num_malicious : int
+        f, the malicious vectors assumed.
+    num_selected : int
+        How many positions to return; 1 is Krum.
+
+    Ties go to the earlier position.
+    """
+    scores = krum_scores(np.asarray(distances, dtype=np.float64), num_malicious)
+    return [int(i) for i in np.argsort(scores, kind="stable")[:num_selected]]
 
 
 def max_krum_malicious(num_nodes: int) -> int:
