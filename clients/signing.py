@@ -24,6 +24,7 @@ import hashlib
 import io
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,9 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 # Node config key with the path of the node's private signing key.
 SIGNING_KEY_CONFIG = "signing-key"
+# Reply record with the node's metrics, and the metric with the seconds spent signing.
+METRICS_KEY = "metrics"
+SIGN_SECONDS_KEY = "sign_seconds"
 
 
 def record_hash(record: ArrayRecord) -> str:
@@ -204,7 +208,12 @@ def sign_train_reply(content: RecordDict, message_content: RecordDict, node_conf
     if not provenance:
         return content
 
+    started = time.perf_counter()
     key = _load_key(str(signing_key_path(node_config, provenance, node_id)))
     digest = sign_update(content, key, str(provenance["run_id"]), server_round, node_id, base_version_hash(message_content))
     logger.debug("Node %d signed its round %d update, digest %s", node_id, server_round, digest.hex()[:16])
+
+    # The signature covers the update payload, not the metrics, so the time it took can join them afterwards.
+    if METRICS_KEY in content.metric_records:
+        content.metric_records[METRICS_KEY][SIGN_SECONDS_KEY] = time.perf_counter() - started
     return content

@@ -152,7 +152,7 @@ def build_strategy(cfg: Any, sink: RoundSink, resources: RunResources | None = N
     from strategies.signatures import signatures_enabled, wrap_with_signatures
 
     if signatures_enabled(cfg):
-        strategy = wrap_with_signatures(strategy, resources)
+        strategy = wrap_with_signatures(strategy, resources, sink)
     strategy = RecordingStrategy(strategy, sink)
     if resources is None:
         return strategy

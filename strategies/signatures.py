@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,8 @@ from strategies.recording import partition_of
 logger = logging.getLogger(__name__)
 
 CHECK = "signature"
+# Phase of the run-log lines with the server-side seconds of these checks.
+COST_PHASE = "provenance"
 # Threads that hash reply payloads in parallel.
 HASH_THREADS = min(8, os.cpu_count() or 1)
 
@@ -78,13 +81,19 @@ class SignatureVerification(Strategy):
         The run's audit log (``append(event, **fields)``).
     run_id : str
         This run's id, which nodes receive in the task and sign.
+    sink : object, optional
+        The run log (``record_event``); when given, each round's server-side
+        seconds of hashing, signature checks, audit entries and registry
+        access go to it as a ``provenance`` line.
     """
 
-    def __init__(self, strategy: Strategy, registry: NodeRegistry, audit: Any, run_id: str) -> None:
+    def __init__(self, strategy: Strategy, registry: NodeRegistry, audit: Any, run_id: str, sink: Any = None) -> None:
         self.strategy = strategy
         self.registry = registry
         self.audit = audit
         self.run_id = run_id
+        self.sink = sink
+        self._configure_s = 0.0
         # Flower node id -> hash of the model version sent to it this round.
         self._base_hashes: dict[int, str] = {}
         self._public_keys: dict[str, Ed25519PublicKey] = {}
@@ -101,6 +110,7 @@ class SignatureVerification(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Delegate, then remember the hash of the model version each message carries."""
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        started = time.perf_counter()
 
         # Messages usually share one content object, so hash each content once.
         hashes: dict[int, str] = {}
@@ -110,6 +120,7 @@ class SignatureVerification(Strategy):
             if key not in hashes:
                 hashes[key] = base_version_hash(message.content)
             self._base_hashes[message.metadata.dst_node_id] = hashes[key]
+        self._configure_s = time.perf_counter() - started
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -117,9 +128,12 @@ class SignatureVerification(Strategy):
 
         Error replies pass through untouched so the inner strategy reports them.
         """
+        started = time.perf_counter()
         replies = list(replies)
         nodes = {node.node_id: node for node in self.registry.list_nodes()}
+        hashing = time.perf_counter()
         payloads = payload_hashes(replies)
+        hashed = time.perf_counter()
         forwarded: list[Message] = []
         accepted: list[int] = []
         rejected: list[int | None] = []
@@ -140,7 +154,23 @@ class SignatureVerification(Strategy):
         # NOTE: "accepted" counts passing this check only; a layer inside may still reject the update.
         self.registry.record_contributions(accepted, [node for node in rejected if node in nodes])
         logger.info("aggregate_train: round %d, %d replies passed the signature check, %d were rejected", server_round, len(accepted), len(rejected))
+        self._report_cost(server_round, started, hashing, hashed)
         return self.strategy.aggregate_train(server_round, forwarded)
+
+    def _report_cost(self, server_round: int, started: float, hashing: float, hashed: float) -> None:
+        """Send this round's server-side seconds to the sink: the base hashes of ``configure_train``, the payload hashes, and the rest (signature checks, audit entries, registry)."""
+        if self.sink is None or not hasattr(self.sink, "record_event"):
+            return
+        finished = time.perf_counter()
+        self.sink.record_event(
+            COST_PHASE,
+            server_round,
+            "train",
+            server_s=round(self._configure_s + finished - started, 5),
+            base_hash_s=round(self._configure_s, 5),
+            payload_hash_s=round(hashed - hashing, 5),
+            checks_s=round(finished - started - (hashed - hashing), 5),
+        )
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Pass through to the inner strategy."""
@@ -346,8 +376,8 @@ def setup_signatures(cfg: Any, spec: TaskSpec, resources: Any, run_dir: Path) ->
     return replace(spec, provenance={"run_id": run_id, "keys_dir": str(keys_dir) if keys_dir else None})
 
 
-def wrap_with_signatures(strategy: Strategy, resources: Any) -> SignatureVerification:
-    """Return ``strategy`` inside a ``SignatureVerification`` set up by ``setup_signatures``.
+def wrap_with_signatures(strategy: Strategy, resources: Any, sink: Any = None) -> SignatureVerification:
+    """Return ``strategy`` inside a ``SignatureVerification`` set up by ``setup_signatures``; ``sink`` receives its costs.
 
     Raises
     ------
@@ -357,7 +387,7 @@ def wrap_with_signatures(strategy: Strategy, resources: Any) -> SignatureVerific
     extra = getattr(resources, "extra", None) or {}
     if "registry" not in extra or "run_id" not in extra:
         raise ValueError("provenance.signatures is true but no node registry was opened; call setup_signatures before build_strategy.")
-    return SignatureVerification(strategy, extra["registry"], resources.audit, extra["run_id"])
+    return SignatureVerification(strategy, extra["registry"], resources.audit, extra["run_id"], sink=sink)
 
 
 # --- audit log re-verification ---------------------------------------------------
