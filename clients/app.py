@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import encrypted, node_state, signing
+from clients import encrypted, node_state, robust, signing
 from clients.committee import handle_scoring_query
 from clients.local import build_model, evaluate_node, train_node
 from privacy import is_central
@@ -73,7 +74,9 @@ def node_identity(context: Context, spec: TaskSpec) -> int:
     node_state.check_node_files(dict(context.node_config))
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config.get("num-partitions", spec.partition.num_nodes))
-    if num_partitions != spec.partition.num_nodes:
+    # With a validator node (he_robust, trust rule) the federation has one node more than it has training partitions.
+    allowed = {spec.partition.num_nodes, spec.partition.num_nodes + 1} if robust.has_validator(spec.encryption) else {spec.partition.num_nodes}
+    if num_partitions not in allowed:
         raise ValueError(
             f"This node has num-partitions={num_partitions} but the server runs nodes="
             f"{spec.partition.num_nodes}; make them equal (the server's 'nodes' setting "
@@ -102,9 +105,25 @@ def _is_encrypted(msg: Message) -> bool:
     return msg.content[CONFIG_KEY].get(ENCRYPTION_KEY) == "ckks"
 
 
+def _scoring_global(msg: Message, context: Context, spec: TaskSpec):
+    """Return (scoring secret context, global state) for a he_robust round, and record the round as seen."""
+    config = msg.content[CONFIG_KEY]
+    node_config = dict(context.node_config)
+    secret = robust.load_scoring_secret(spec.encryption, node_config)
+    initial = build_model(scenario_for(spec), spec.train.seed).state_dict()
+    if encrypted.state_hash(initial) != config[INITIAL_HASH_KEY]:
+        raise ValueError("The initial model rebuilt on this node differs from the server's; check both run the same code and seed.")
+    if msg.metadata.message_type in ("train", "evaluate"):
+        robust.note_round(spec.encryption, node_config, msg.metadata.run_id, int(config.get("server-round", 0)))
+    drift = list(msg.content[MODEL_RECORD][BATCH_KEY]) if MODEL_RECORD in msg.content.config_records else None
+    return secret, robust.global_state(secret, initial, drift)
+
+
 def _encrypted_global(msg: Message, context: Context, spec: TaskSpec):
     """Return (secret context, global state) for an encrypted round."""
     config = msg.content[CONFIG_KEY]
+    if robust.is_scoring(config):
+        return _scoring_global(msg, context, spec)
     enc_spec = encrypted.EncryptionSpec(**spec.encryption)
     secret = encrypted.load_secret(enc_spec, context.node_config.get("ckks-secret-dir"))
 
@@ -138,6 +157,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     partition_id = node_identity(context, spec)
     node_record = ConfigRecord({"partition-id": partition_id})
+    if robust.is_validator(spec.encryption, partition_id, spec.partition.num_nodes):
+        return _train_reference(msg, context, spec, partition_id)
 
     if _is_encrypted(msg):
         secret, state = _encrypted_global(msg, context, spec)
@@ -157,9 +178,13 @@ def train(msg: Message, context: Context) -> Message:
         clip_on_node(config, spec.privacy, new_state, state, metrics)
 
     if _is_encrypted(msg):
-        weight = metrics["num-examples"] / float(config[DENOMINATOR_KEY])
         started = time.perf_counter()
-        batch = encrypted.encrypt_delta(secret, new_state, state, weight, float(spec.encryption["update_bound"]))
+        if robust.is_scoring(config):
+            # he_robust weights on the server, after scoring the very ciphertext it sums.
+            batch = [robust.encrypt_update(secret, new_state, state, float(spec.encryption["norm_bound"]))]
+        else:
+            weight = metrics["num-examples"] / float(config[DENOMINATOR_KEY])
+            batch = encrypted.encrypt_delta(secret, new_state, state, weight, float(spec.encryption["update_bound"]))
         metrics[ENCRYPT_SECONDS_KEY] = time.perf_counter() - started
         content = RecordDict({METRICS_KEY: _metric_record(metrics), UPDATE_RECORD: ConfigRecord({BATCH_KEY: batch}), NODE_KEY: node_record})
     else:
@@ -169,12 +194,35 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _train_reference(msg: Message, context: Context, spec: TaskSpec, partition_id: int) -> Message:
+    """Train and encrypt the trust reference on the validator's root rows; the reply is never aggregated."""
+    config = msg.content[CONFIG_KEY]
+    if config.get(robust.ROLE_KEY) != robust.ROLE_VALIDATOR:
+        raise ValueError(f"Partition {partition_id} is the validator and only trains the reference; the message does not name the validator role.")
+    server_round = int(config["server-round"])
+    secret, state = _encrypted_global(msg, context, spec)
+    examples = [float(value) for value in config.get(robust.NODE_EXAMPLES_KEY, [])]
+
+    started = time.perf_counter()
+    reference = robust.train_reference(spec, state, server_round, examples)
+    seconds = time.perf_counter() - started
+    norm = float(np.linalg.norm(reference))
+    data = robust.encrypt_vector(secret, reference, float(spec.encryption["norm_bound"]))
+    logger.info("Validator (partition %d) trained the round %d reference: norm %.4g in %.2f s", partition_id, server_round, norm, seconds)
+
+    metrics = MetricRecord({robust.REFERENCE_NORM_KEY: norm, TRAIN_SECONDS_KEY: seconds})
+    content = RecordDict({METRICS_KEY: metrics, UPDATE_RECORD: ConfigRecord({BATCH_KEY: [data]}), NODE_KEY: ConfigRecord({"partition-id": partition_id})})
+    return Message(content=content, reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global model on this node's test split."""
     config = msg.content[CONFIG_KEY]
     spec = TaskSpec.from_json(str(config[TASK_KEY]))
     partition_id = node_identity(context, spec)
+    if robust.is_validator(spec.encryption, partition_id, spec.partition.num_nodes):
+        raise ValueError(f"Partition {partition_id} is the validator, which has no test split; the server must not ask it to evaluate.")
 
     if _is_encrypted(msg):
         _, state = _encrypted_global(msg, context, spec)
@@ -191,9 +239,13 @@ def size(msg: Message, context: Context) -> Message:
     """Return this node's number of training examples (the FedAvg weight)."""
     spec = TaskSpec.from_json(str(msg.content[CONFIG_KEY][TASK_KEY]))
     partition_id = node_identity(context, spec)
+    if robust.is_validator(spec.encryption, partition_id, spec.partition.num_nodes):
+        metrics = {"num-examples": 0.0, "partition-id": float(partition_id), robust.VALIDATOR_METRIC: 1.0}
+        return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
     data = load_node(spec, partition_id, _data_root(context))
     examples = float(scenario_for(spec).num_examples(data.train))
-    return Message(content=RecordDict({METRICS_KEY: MetricRecord({"num-examples": examples})}), reply_to=msg)
+    metrics = {"num-examples": examples, "partition-id": float(partition_id), robust.VALIDATOR_METRIC: 0.0}
+    return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.query("canary")
@@ -203,7 +255,12 @@ def canary(msg: Message, context: Context) -> Message:
     spec = TaskSpec.from_json(str(config[TASK_KEY]))
     partition_id = node_identity(context, spec)
 
-    if _is_encrypted(msg):
+    if _is_encrypted(msg) and robust.is_scoring(config):
+        secret = robust.load_scoring_secret(spec.encryption, dict(context.node_config))
+        initial = build_model(scenario_for(spec), spec.train.seed).state_dict()
+        records = msg.content.config_records
+        models = {name: robust.global_state(secret, initial, list(records[name][BATCH_KEY]) if name in records else None) for name in ("current", "candidate")}
+    elif _is_encrypted(msg):
         enc_spec = encrypted.EncryptionSpec(**spec.encryption)
         secret = encrypted.load_secret(enc_spec, context.node_config.get("ckks-secret-dir"))
         initial = build_model(scenario_for(spec), spec.train.seed).state_dict()

@@ -139,8 +139,9 @@ class CanaryPromotion(Strategy):
                 return None
             layer = layer.strategy
 
-    def _canaries(self, server_round: int) -> list[int]:
-        node_ids = sorted(self._grid.get_node_ids())
+    def _canaries(self, server_round: int, excluded: set[int] | None = None) -> list[int]:
+        # A validator node (he_robust) has no test split, so it never scores a candidate.
+        node_ids = sorted(set(self._grid.get_node_ids()) - (excluded or set()))
         count = max(1, round(self.fraction * len(node_ids)))
         return sorted(random.Random(self.seed * 100_003 + server_round).sample(node_ids, count))
 
@@ -151,6 +152,8 @@ class CanaryPromotion(Strategy):
         if encrypted is not None:
             config["encryption"] = "ckks"
             config["he-initial-hash"] = encrypted.initial_hash
+            for key, value in getattr(encrypted, "encryption_fields", {}).items():
+                config[key] = value
             if self._current_drift is not None:
                 content[CURRENT] = ConfigRecord({"batch": self._current_drift})
             content[CANDIDATE] = ConfigRecord({"batch": list(encrypted.drift)})
@@ -158,7 +161,7 @@ class CanaryPromotion(Strategy):
             content[CURRENT] = self._current
             content[CANDIDATE] = candidate
 
-        nodes = self._canaries(server_round)
+        nodes = self._canaries(server_round, set(getattr(encrypted, "excluded_node_ids", ())))
         messages = [Message(content=content, message_type=CANARY_QUERY, dst_node_id=node_id) for node_id in nodes]
         results: dict[int, dict[str, float]] = {}
         for reply in self._grid.send_and_receive(messages, timeout=3600):

@@ -84,10 +84,17 @@ def _he_fedavg(strategy_cfg: Any, sampling: dict[str, Any], resources: RunResour
     )
 
 
+def _he_robust(strategy_cfg: Any, sampling: dict[str, Any], resources: RunResources) -> Strategy:
+    from strategies.he_robust_builder import build_he_robust
+
+    return build_he_robust(strategy_cfg, sampling, resources)
+
+
 # Strategy name -> builder(strategy config, FedAvg sampling keywords, run resources).
 BUILDERS: dict[str, Callable[[Any, dict[str, Any], RunResources], Strategy]] = {
     "fedavg": _fedavg,
     "he_fedavg": _he_fedavg,
+    "he_robust": _he_robust,
     **ROBUST_BUILDERS,
     "trust": build_trust,
 }
