@@ -9,7 +9,7 @@ then copies to each party only what that party may hold::
       superlink/           tls/ (ca.crt, server.pem, server.key) and state.db (registrations, runs)
       server/keys/         server/ (CKKS public context), registry.sqlite, fingerprint.txt
       server/runs/         run outputs (summary.json, metrics.jsonl, audit.jsonl, models/)
-      nodes/node-<i>/keys/ ca.crt, auth.key, auth.pub, signing.key, ckks/ (secret context)
+      nodes/node-<i>/keys/ ca.crt, auth.key, auth.pub, signing.key, ckks/ (secret contexts: aggregation and scoring)
       nodes/node-<i>/state/ privacy ledger and local model cache
       nodes/node-<i>/node-config.toml
       flwr-home/           FLWR_HOME: config.toml with the connection, CLI state
@@ -32,7 +32,7 @@ from crypto import ckks
 from crypto import signing as signing_keys
 from deploy import pki
 from provenance.registry import DEFAULT_FILENAME as REGISTRY_FILENAME
-from server.keys import NODE_DIR, SERVER_DIR, init_ckks_keys, init_signing_keys
+from server.keys import NODE_DIR, SCORING_FINGERPRINT_FILE, SERVER_DIR, init_ckks_keys, init_scoring_keys, init_signing_keys
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +204,9 @@ def provision(state_dir: Path, num_nodes: int, preset: str, tls: bool, hosts: li
         _check_existing(layout, preset)
     else:
         _create_keys(layout, preset, hosts)
+    if not (layout.dealer / SCORING_FINGERPRINT_FILE).exists():
+        # The scoring key of strategy=he_robust; a folder provisioned before it existed gets one now.
+        init_scoring_keys(layout.dealer)
 
     _distribute(layout)
     for node in layout.nodes():
@@ -257,6 +260,7 @@ def _distribute(layout: Layout) -> None:
     server_keys = layout.server_keys
     _copy(dealer / SERVER_DIR, server_keys / SERVER_DIR)
     _copy(dealer / FINGERPRINT_FILE, server_keys / FINGERPRINT_FILE)
+    _copy(dealer / SCORING_FINGERPRINT_FILE, server_keys / SCORING_FINGERPRINT_FILE)
     # The registry holds only public keys; the server checks signatures against it.
     _copy(dealer / REGISTRY_FILENAME, server_keys / REGISTRY_FILENAME)
 

@@ -77,7 +77,7 @@ def _summary(args: argparse.Namespace) -> int:
 def _keys_init(args: argparse.Namespace) -> int:
     """Create the CKKS material of a federation, then signing keys and TLS material if requested."""
     from deploy.keys_cli import check_tls_arguments
-    from server.keys import NODE_DIR, SERVER_DIR, init_ckks_keys
+    from server.keys import NODE_DIR, SERVER_DIR, init_ckks_keys, init_scoring_keys
 
     problem = check_tls_arguments(args)
     if problem:
@@ -85,11 +85,14 @@ def _keys_init(args: argparse.Namespace) -> int:
         return 2
     try:
         fingerprint = init_ckks_keys(Path(args.out), args.preset, overwrite=args.overwrite)
+        scoring_fingerprint = init_scoring_keys(Path(args.out), args.scoring_preset, overwrite=args.overwrite) if args.scoring else None
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     out = Path(args.out)
     print(f"CKKS preset {args.preset}, fingerprint {fingerprint}")
+    if scoring_fingerprint is not None:
+        print(f"Scoring preset {args.scoring_preset} (strategy=he_robust), fingerprint {scoring_fingerprint}")
     print(f"  server (public context only): {out / SERVER_DIR}")
     print(f"  nodes (secret context, mode 0600; install on every site, never on the server): {out / NODE_DIR}")
     code = _signing_keys_init(args) if args.nodes else 0
@@ -299,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True, help="folder to write the keys to")
     init.add_argument("--preset", default=ckks_presets.DEFAULT_PRESET, choices=sorted(ckks_presets.PRESETS), help=f"CKKS parameter preset (default: {ckks_presets.DEFAULT_PRESET})")
     init.add_argument("--overwrite", action="store_true", help="replace existing keys (old encrypted models become unreadable)")
+    init.add_argument("--scoring", action="store_true", help="also create the scoring key pair that strategy=he_robust uses, in the same server/ and node/ folders")
+    init.add_argument("--scoring-preset", default="scoring_8192", choices=["scoring_8192"], help="scoring CKKS preset (default: scoring_8192)")
     init.add_argument("--nodes", type=int, default=0, help="also create an Ed25519 signing key pair for nodes 0..N-1 and register them")
     init.add_argument("--org", action="append", help="organisation label of the nodes: once for all, or once per node (default: site-<id>)")
     init.add_argument("--db", help="SQLAlchemy URL of the node registry (default: sqlite in OUT/registry.sqlite)")

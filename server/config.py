@@ -110,6 +110,72 @@ def validate_config(cfg: DictConfig) -> None:
         if not ok:
             value = OmegaConf.select(cfg, key)
             raise ConfigError(f"Invalid setting {key}={value}: it must be {allowed}. Override it, e.g. `{key}=...`.")
+    if str(cfg.strategy.name) == "he_robust":
+        validate_he_robust(cfg)
+
+
+def uses_validator(cfg: DictConfig) -> bool:
+    """Return whether the run needs a validator node: ``strategy=he_robust`` with ``strategy.rule=trust``."""
+    return str(cfg.strategy.name) == "he_robust" and str(cfg.strategy.get("rule")) == "trust"
+
+
+def training_nodes_per_round(cfg: DictConfig) -> int:
+    """Return how many nodes train per round when every node is connected (FedAvg's sampling)."""
+    nodes = int(cfg.nodes)
+    fraction = float(cfg.train.fraction)
+    return max(int(nodes * fraction), max(1, min(nodes, round(fraction * nodes))))
+
+
+def validate_he_robust(cfg: DictConfig) -> None:
+    """Reject ``strategy=he_robust`` settings that cannot work, naming the value and the fix.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown rule, preset or norm mode, a norm bound the preset
+        cannot hold, a committee larger than the nodes per round, or a
+        committee too small to outvote ``max_faulty`` members.
+    """
+    from crypto.ckks.errors import PreflightError
+    from crypto.ckks.scoring.context import SCORING_PRESETS, check_scoring_bound
+    from strategies.encrypted_rules import NORM_MODES, RULES
+
+    strategy = cfg.strategy
+    rule = str(strategy.get("rule"))
+    if rule not in RULES:
+        raise ConfigError(f"Invalid setting strategy.rule={rule}: use one of {', '.join(RULES)}, e.g. `strategy.rule=krum`.")
+    preset = str(strategy.get("preset"))
+    if preset not in SCORING_PRESETS:
+        raise ConfigError(f"Invalid setting strategy.preset={preset}: use one of {', '.join(sorted(SCORING_PRESETS))}.")
+    try:
+        check_scoring_bound(preset, float(strategy.norm_bound))
+    except (PreflightError, ValueError) as error:
+        raise ConfigError(f"Invalid setting strategy.norm_bound={strategy.norm_bound}: {error}") from None
+
+    per_round = training_nodes_per_round(cfg)
+    size, faulty = int(strategy.committee_size), int(strategy.max_faulty)
+    if not 1 <= size <= per_round:
+        raise ConfigError(
+            f"Invalid setting strategy.committee_size={size}: the committee is drawn from the {per_round} nodes that "
+            f"train per round, so it must be between 1 and {per_round}. Lower strategy.committee_size or raise nodes."
+        )
+    if faulty < 0 or size < 2 * faulty + 1:
+        raise ConfigError(
+            f"Invalid setting strategy.max_faulty={faulty} with strategy.committee_size={size}: outvoting f faulty members "
+            f"needs at least 2f+1 = {2 * faulty + 1} members. Lower strategy.max_faulty to at most {(size - 1) // 2} or raise strategy.committee_size."
+        )
+    if str(strategy.norm_mode) not in NORM_MODES:
+        raise ConfigError(f"Invalid setting strategy.norm_mode={strategy.norm_mode}: use one of {', '.join(NORM_MODES)}.")
+    if not float(strategy.norm_multiple) > 0:
+        raise ConfigError(f"Invalid setting strategy.norm_multiple={strategy.norm_multiple}: it must be > 0, e.g. `strategy.norm_multiple=3`.")
+    if rule in ("krum", "multikrum"):
+        from strategies.robust import check_krum, max_krum_malicious
+
+        f = strategy.get("num_malicious")
+        try:
+            check_krum(per_round, max_krum_malicious(per_round) if f is None else int(f), f"he_robust strategy.rule={rule}")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -131,7 +131,9 @@ def _run_federation(grid: Grid, cfg: DictConfig, run_dir: Path, tracker: Any) ->
         start_version=previous.version if previous else 0,
         start_hash=previous.model_hash if previous else state_hash(initial.state_dict()),
     )
-    if encrypted:
+    if encrypted and str(cfg.strategy.name) == "he_robust":
+        spec = scoring_setup(cfg, spec, resources, initial.state_dict(), run_dir)
+    elif encrypted:
         spec = encryption_setup(cfg, spec, resources, initial.state_dict())
         resources.task = ConfigRecord({TASK_KEY: spec.to_json()})
 
@@ -224,7 +226,8 @@ def robustness_spec(cfg: DictConfig, spec: TaskSpec) -> TaskSpec:
     from strategies.attack_simulation import AttackSettings, attack_spec
 
     holdout = int(cfg.data.get("holdout") or 0)
-    if str(cfg.strategy.name) == "trust" and holdout == 0:
+    trust = str(cfg.strategy.name) == "trust" or (str(cfg.strategy.name) == "he_robust" and str(cfg.strategy.get("rule")) == "trust")
+    if trust and holdout == 0:
         holdout = int(cfg.strategy.root_size)
     if holdout and type(scenario_for(spec)).load_holdout is Scenario.load_holdout:
         raise ValueError(f"Scenario {spec.scenario!r} cannot reserve rows for the server; set data.holdout=0 and use a strategy other than trust.")
@@ -265,6 +268,49 @@ def encryption_setup(cfg: DictConfig, spec: TaskSpec, resources: RunResources, i
         "fingerprint": public.fingerprint,
         "secret_dir": str(Path(cfg.security.keys_dir) / NODE_DIR),
         "update_bound": float(cfg.security.update_bound),
+    }
+    return replace(spec, encryption=encryption)
+
+
+def scoring_setup(cfg: DictConfig, spec: TaskSpec, resources: RunResources, initial_state: dict, run_dir: Path) -> TaskSpec:
+    """Load the public scoring context for ``strategy=he_robust`` and return ``spec`` with its scoring settings.
+
+    The server process loads ``keys_dir/server`` only, so it never holds the
+    scoring secret key.
+
+    Raises
+    ------
+    ValueError
+        If ``security.keys_dir`` is unset, or its scoring key uses another preset.
+    crypto.ckks.PreflightError
+        If ``strategy.norm_bound`` is above what the preset's statistics can hold.
+    """
+    from dataclasses import replace
+
+    from crypto.ckks.scoring import check_scoring_bound
+    from server.config import uses_validator
+    from server.keys import NODE_DIR, load_server_scoring_context
+
+    if not cfg.security.keys_dir:
+        raise ValueError("security.keys_dir is not set; run `fedseal keys init --scoring --out DIR` and pass security.keys_dir=DIR.")
+    public = load_server_scoring_context(Path(cfg.security.keys_dir))
+    if public.preset.name != str(cfg.strategy.preset):
+        raise ValueError(f"The scoring key in {cfg.security.keys_dir} uses preset {public.preset.name}, but strategy.preset={cfg.strategy.preset}; make them match.")
+    check_scoring_bound(public.preset, float(cfg.strategy.norm_bound))
+
+    resources.public_context = public
+    resources.num_parameters = int(flatten(initial_state).size)
+    resources.initial_hash = state_hash(initial_state)
+    encryption = {
+        "scheme": "scoring",
+        "preset": public.preset.name,
+        "fingerprint": public.fingerprint,
+        "secret_dir": str(Path(cfg.security.keys_dir) / NODE_DIR),
+        # Simulated nodes keep their committee budgets here; a SuperNode's own state-dir wins.
+        "state_dir": str(run_dir / "node-state"),
+        "norm_bound": float(cfg.strategy.norm_bound),
+        "validator": uses_validator(cfg),
+        "reference_epochs": cfg.strategy.get("reference_epochs"),
     }
     return replace(spec, encryption=encryption)
 

@@ -9,6 +9,12 @@ Layout written by ``init_ckks_keys(out_dir)`` (and ``fedseal keys init``):
 ``out_dir/fingerprint.txt``
     SHA-256 of the serialized public context.
 
+``init_scoring_keys(out_dir)`` (``fedseal keys init --scoring``) writes the
+scoring key pair of ``strategy=he_robust`` into the same two folders:
+``server/ckks_scoring_public_context.bin`` (parameters, relinearization and
+Galois keys, no secret key), ``node/ckks_scoring_secret_context.bin`` (mode
+0600) and ``out_dir/scoring_fingerprint.txt``.
+
 ``init_signing_keys(out_dir, num_nodes, ...)`` (``fedseal keys init --nodes N``) adds:
 
 ``out_dir/signing/node-<id>/``
@@ -53,6 +59,44 @@ def init_ckks_keys(out_dir: Path, preset: str = ckks.DEFAULT_PRESET, overwrite: 
     (out_dir / "fingerprint.txt").write_text(secret.fingerprint + "\n", encoding="utf-8")
     logger.info("CKKS keys (%s) written to %s, fingerprint %s", preset, out_dir, secret.fingerprint)
     return secret.fingerprint
+
+
+SCORING_FINGERPRINT_FILE = "scoring_fingerprint.txt"
+
+
+def init_scoring_keys(out_dir: Path, preset: str | None = None, overwrite: bool = False) -> str:
+    """Create a federation's scoring key pair under ``out_dir``; return its fingerprint.
+
+    Raises
+    ------
+    FileExistsError
+        If a scoring key exists there and ``overwrite`` is False, because
+        replacing it makes every stored encrypted model unreadable.
+    ValueError
+        If ``preset`` is not a registered scoring preset.
+    """
+    from crypto.ckks import scoring
+
+    out_dir = Path(out_dir)
+    secret_file = out_dir / NODE_DIR / scoring.SCORING_SECRET_CONTEXT_FILENAME
+    if secret_file.exists() and not overwrite:
+        raise FileExistsError(f"{secret_file} exists; pass --overwrite to replace the scoring key (old encrypted models become unreadable).")
+
+    secret = scoring.generate_scoring_context(preset or scoring.DEFAULT_SCORING_PRESET)
+    (out_dir / NODE_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / SERVER_DIR).mkdir(parents=True, exist_ok=True)
+    scoring.write_scoring_secret_context(secret, out_dir / NODE_DIR)
+    scoring.write_scoring_public_context(secret, out_dir / SERVER_DIR)
+    (out_dir / SCORING_FINGERPRINT_FILE).write_text(secret.fingerprint + "\n", encoding="utf-8")
+    logger.info("Scoring keys (%s) written to %s, fingerprint %s", secret.preset.name, out_dir, secret.fingerprint)
+    return secret.fingerprint
+
+
+def load_server_scoring_context(keys_dir: Path):
+    """Load the public scoring context from ``keys_dir/server`` (never the node folder)."""
+    from crypto.ckks import scoring
+
+    return scoring.read_scoring_public_context(Path(keys_dir) / SERVER_DIR)
 
 
 def load_server_context(keys_dir: Path) -> ckks.PublicContext:

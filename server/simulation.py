@@ -55,11 +55,12 @@ def run_in_simulation(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.provenance.signatures and not cfg.provenance.keys_dir:
         provision_signing_keys(cfg, run_dir)
 
-    logger.info("Starting Ray simulation with %d nodes", int(cfg.nodes))
+    supernodes = simulated_supernodes(cfg)
+    logger.info("Starting Ray simulation with %d nodes", supernodes)
     run_simulation(
         server_app=make_server_app(cfg, run_dir),
         client_app=client_app,
-        num_supernodes=int(cfg.nodes),
+        num_supernodes=supernodes,
         backend_config=backend_config(cfg),
     )
 
@@ -69,18 +70,33 @@ def run_in_simulation(cfg: DictConfig, run_dir: Path) -> dict:
     return json.loads(summary_path.read_text(encoding="utf-8"))
 
 
+def simulated_supernodes(cfg: DictConfig) -> int:
+    """Return how many SuperNodes the simulation starts: ``nodes``, plus the validator of ``he_robust`` with the trust rule."""
+    from server.config import uses_validator
+
+    return int(cfg.nodes) + (1 if uses_validator(cfg) else 0)
+
+
 def provision_simulation_keys(cfg: DictConfig, run_dir: Path) -> None:
     """Create fresh CKKS keys in ``run_dir/keys`` and point ``security.keys_dir`` there.
 
     This plays the key dealer's part before the ServerApp starts. The
     ServerApp then loads ``keys/server`` (public context only); the simulated
     nodes load ``keys/node``. A real deployment runs ``fedseal keys init``
-    and installs ``node/`` on the sites only.
+    and installs ``node/`` on the sites only. ``strategy=he_robust`` gets the
+    scoring key pair instead of the aggregation key.
     """
-    from server.keys import init_ckks_keys
+    from server.keys import init_ckks_keys, init_scoring_keys
 
     keys_dir = run_dir / "keys"
-    init_ckks_keys(keys_dir, str(cfg.security.preset))
+    if str(cfg.strategy.name) == "he_robust":
+        from server.keys import SCORING_FINGERPRINT_FILE
+
+        # A resumed run keeps its keys: its committed drift is encrypted under them.
+        if not (keys_dir / SCORING_FINGERPRINT_FILE).exists():
+            init_scoring_keys(keys_dir, str(cfg.strategy.preset))
+    else:
+        init_ckks_keys(keys_dir, str(cfg.security.preset))
     cfg.security.keys_dir = str(keys_dir)
 
 
