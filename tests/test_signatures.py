@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 from omegaconf import OmegaConf
 
 from clients.encrypted import state_hash
-from clients.signing import base_version_hash, sign_update
+from clients.signing import base_version_hash, sign_train_reply, sign_update
 from conftest import make_reply
 from crypto import ckks, signing
 from provenance.audit import AuditLog, canonical, entry_hash, head_path, verify_chain
@@ -451,3 +451,44 @@ def test_simulation_audit_verifies(strategy: str, tmp_path: Path, data_root: Pat
     counts = {node.node_id: (node.accepted, node.rejected) for node in registry.list_nodes()}
     registry.close()
     assert counts == {node: (sum(entry["partition"] == node for entry in signed), 0) for node in (0, 1)}
+
+
+class CostSink:
+    """Collects ``record_event`` lines as the run log would write them."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def record_event(self, phase: str, server_round: int, event: str, node: int | None = None, **fields) -> None:
+        self.lines.append({"phase": phase, "round": server_round, "event": event, **fields})
+
+
+def test_round_cost_reported_to_sink(federation: Federation) -> None:
+    sink = CostSink()
+    federation.strategy.sink = sink
+    sent = _configure(federation, 1, _state(0))
+    replies = [_signed(federation, sent, node, _state(node + 1), 1) for node in FLOWER_IDS]
+
+    federation.strategy.aggregate_train(1, replies)
+
+    assert len(sink.lines) == 1
+    line = sink.lines[0]
+    assert (line["phase"], line["round"], line["event"]) == ("provenance", 1, "train")
+    parts = line["base_hash_s"] + line["payload_hash_s"] + line["checks_s"]
+    assert line["server_s"] == pytest.approx(parts, abs=1e-4)
+    assert line["payload_hash_s"] > 0
+    assert line["checks_s"] > 0
+
+
+def test_signed_reply_reports_sign_seconds(federation: Federation, tmp_path: Path) -> None:
+    sent = _configure(federation, 1, _state(0))
+    signing.save_key_pair(federation.keys[0], tmp_path / "node-0")
+    reply = make_reply(FLOWER_IDS[0], arrays=ArrayRecord(_state(1)), metrics={"num-examples": 10.0}, partition_id=0)
+    node_config = {"signing-key": str(tmp_path / "node-0" / signing.PRIVATE_KEY_FILENAME)}
+
+    sign_train_reply(reply.content, sent[FLOWER_IDS[0]].content, node_config, {"run_id": RUN_ID, "keys_dir": None}, 0, 1)
+
+    seconds = reply.content.metric_records["metrics"]["sign_seconds"]
+    assert 0 < seconds < 5
+    arrays, _ = federation.strategy.aggregate_train(1, [reply])
+    assert arrays is not None
