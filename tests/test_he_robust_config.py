@@ -1,0 +1,101 @@
+"""Settings, keys and simulation size of strategy=he_robust."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from crypto.ckks import scoring
+from server.config import ConfigError, compose_config, validate_config
+from server.keys import (
+    NODE_DIR,
+    SCORING_FINGERPRINT_FILE,
+    SERVER_DIR,
+    init_scoring_keys,
+    load_server_scoring_context,
+)
+from server.simulation import simulated_supernodes
+
+
+def he_robust(*overrides: str):
+    return compose_config(["strategy=he_robust", "nodes=5", *overrides])
+
+
+def test_defaults_accepted() -> None:
+    validate_config(he_robust())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("strategy.committee_size=6", "strategy.committee_size=6"),
+        ("strategy.max_faulty=2", "strategy.max_faulty=2 with strategy.committee_size=3"),
+        ("strategy.rule=bulyan", "strategy.rule=bulyan"),
+        ("strategy.norm_bound=1000", "strategy.norm_bound=1000"),
+        ("strategy.norm_mode=clip", "strategy.norm_mode=clip"),
+        ("strategy.preset=compact", "strategy.preset=compact"),
+    ],
+)
+def test_bad_setting_named(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate_config(he_robust(override))
+
+
+def test_krum_needs_enough_nodes() -> None:
+    with pytest.raises(ConfigError, match="needs more than 2f\\+2"):
+        validate_config(he_robust("nodes=4", "strategy.rule=krum", "strategy.num_malicious=1"))
+
+
+def test_committee_limited_by_sampled_nodes() -> None:
+    with pytest.raises(ConfigError, match="drawn from the 2 nodes that train per round"):
+        validate_config(he_robust("train.fraction=0.4"))
+
+
+def test_validator_adds_one_supernode() -> None:
+    assert simulated_supernodes(he_robust("strategy.rule=trust")) == 6
+    assert simulated_supernodes(he_robust("strategy.rule=krum")) == 5
+
+
+def test_model_poisoning_rejected() -> None:
+    from strategies.factory import wrap_robustness
+
+    cfg = he_robust("attack=sign_flip")
+    with pytest.raises(ValueError, match="attack=sign_flip crafts plaintext updates"):
+        wrap_robustness(cfg, object(), None, None)
+
+
+def test_scoring_keys_layout(tmp_path: Path) -> None:
+    fingerprint = init_scoring_keys(tmp_path)
+
+    secret_file = tmp_path / NODE_DIR / scoring.SCORING_SECRET_CONTEXT_FILENAME
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert not (tmp_path / SERVER_DIR / scoring.SCORING_SECRET_CONTEXT_FILENAME).exists()
+    assert (tmp_path / SCORING_FINGERPRINT_FILE).read_text().strip() == fingerprint
+    public = load_server_scoring_context(tmp_path)
+    assert isinstance(public, scoring.ScoringPublicContext)
+    assert public.fingerprint == fingerprint
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        init_scoring_keys(tmp_path)
+
+
+def test_keys_cli_scoring_flag(tmp_path: Path) -> None:
+    from server.cli import main
+
+    assert main(["keys", "init", "--out", str(tmp_path), "--scoring"]) == 0
+    assert (tmp_path / SERVER_DIR / scoring.SCORING_PUBLIC_CONTEXT_FILENAME).exists()
+    assert (tmp_path / NODE_DIR / scoring.SCORING_SECRET_CONTEXT_FILENAME).exists()
+
+
+def test_deploy_layout_copies_scoring_secret(tmp_path: Path) -> None:
+    from deploy.layout import provision
+
+    layout = provision(tmp_path / "state", 2, "compact", tls=False)
+
+    server_side = {path.name for path in layout.server_keys.rglob("*")}
+    assert scoring.SCORING_SECRET_CONTEXT_FILENAME not in server_side
+    assert scoring.SCORING_PUBLIC_CONTEXT_FILENAME in server_side
+    for node in layout.nodes():
+        secret_file = node.ckks_dir / scoring.SCORING_SECRET_CONTEXT_FILENAME
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
