@@ -60,12 +60,16 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, cfg, run_dir)
 
 
-def make_server_app(cfg: DictConfig, run_dir: Path) -> ServerApp:
-    """Return a ServerApp that runs ``cfg`` and writes to ``run_dir``."""
+def make_server_app(cfg: DictConfig, run_dir: Path, simulation_keys: Path | None = None) -> ServerApp:
+    """Return a ServerApp that runs ``cfg`` and writes to ``run_dir``.
+
+    ``simulation_keys`` names the key folder that the Ray simulation created
+    itself; only then may an encrypted attack simulation read its secret key.
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, run_dir)
+        run_federation(grid, cfg, run_dir, simulation_keys=simulation_keys)
 
     return server_app

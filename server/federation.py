@@ -91,21 +91,22 @@ def _restore(strategy: Any, previous: run_state.RunState | None, run_dir: Path, 
     return initial_state
 
 
-def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run_federation(grid: Grid, cfg: DictConfig, run_dir: Path, simulation_keys: Path | None = None) -> dict[str, Any]:
     """Run federated training as configured by ``cfg``; write outputs to ``run_dir``.
 
     Returns the summary that is also written to ``run_dir/summary.json``. The
-    tracker's run is closed as failed when training raises.
+    tracker's run is closed as failed when training raises. ``simulation_keys``
+    is set only by the Ray simulation, for keys it created itself.
     """
     tracker = open_tracker(cfg, run_dir)
     try:
-        return _run_federation(grid, cfg, run_dir, tracker)
+        return _run_federation(grid, cfg, run_dir, tracker, simulation_keys)
     except BaseException:
         tracker.finish(None, None)
         raise
 
 
-def _run_federation(grid: Grid, cfg: DictConfig, run_dir: Path, tracker: Any) -> dict[str, Any]:
+def _run_federation(grid: Grid, cfg: DictConfig, run_dir: Path, tracker: Any, simulation_keys: Path | None = None) -> dict[str, Any]:
     started = time.monotonic()
     validate_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +161,7 @@ def _run_federation(grid: Grid, cfg: DictConfig, run_dir: Path, tracker: Any) ->
     # TODO: a resumed run starts a new tracker run; the rounds before the restart stay in the first one.
     tracker.attach(run_log, list(scenario.metric_names))
     # The trust strategy trains on the spec's holdout rows and reports to the run log.
-    resources.extra.update(spec=spec, sink=run_log)
+    resources.extra.update(spec=spec, sink=run_log, simulation_keys=simulation_keys)
     strategy = build_strategy(cfg, run_log, resources)
     start_state = _restore(strategy, previous, run_dir, initial.state_dict(), encrypted)
     # An encrypted global model cannot be scored on the server.

@@ -50,15 +50,17 @@ def run_in_simulation(cfg: DictConfig, run_dir: Path) -> dict:
     from clients.app import app as client_app
     from server.app import make_server_app
 
+    simulation_keys = None
     if cfg.strategy.get("encrypted", False) and not cfg.security.keys_dir:
         provision_simulation_keys(cfg, run_dir)
+        simulation_keys = Path(cfg.security.keys_dir)
     if cfg.provenance.signatures and not cfg.provenance.keys_dir:
         provision_signing_keys(cfg, run_dir)
 
     supernodes = simulated_supernodes(cfg)
     logger.info("Starting Ray simulation with %d nodes", supernodes)
     run_simulation(
-        server_app=make_server_app(cfg, run_dir),
+        server_app=make_server_app(cfg, run_dir, simulation_keys),
         client_app=client_app,
         num_supernodes=supernodes,
         backend_config=backend_config(cfg),

@@ -181,17 +181,36 @@ def build_strategy(cfg: Any, sink: RoundSink, resources: RunResources | None = N
 def wrap_robustness(cfg: Any, strategy: Strategy, sink: RoundSink, resources: RunResources | None) -> Strategy:
     """Wrap a plaintext rule as ``AttackSimulation(UpdateValidation(rule))``; leave encrypted ones alone.
 
+    ``strategy=he_robust`` in a Ray simulation with keys that the simulation
+    created gets ``EncryptedAttackSimulation`` instead: an adversary that
+    holds the scoring key, for the robustness sweep only.
+
     Raises
     ------
     ValueError
         If a model-poisoning attack is set with an encrypted strategy, whose
-        updates the server cannot read or replace.
+        updates the server cannot read or replace, outside that case.
     """
     attack = AttackSettings.from_config(cfg.get("attack"))
     if cfg.strategy.get("encrypted", False):
-        if attack.name in MODEL_POISONING:
-            raise ValueError(f"attack={attack.name} crafts plaintext updates on the server, but strategy={cfg.strategy.name} encrypts them. Use attack=label_flip or attack=none, or a plaintext strategy.")
-        return strategy
+        if attack.name not in MODEL_POISONING:
+            return strategy
+        simulation_keys = resources.extra.get("simulation_keys") if resources is not None else None
+        if str(cfg.strategy.name) == "he_robust" and simulation_keys is not None:
+            from strategies.encrypted_attack_simulation import EncryptedAttackSimulation
+            from server.keys import NODE_DIR
+
+            spec = attack_spec(attack, int(cfg.nodes))
+            if spec is None:
+                return strategy
+            logger.warning("attack=%s on strategy=he_robust: the simulated adversary holds the scoring secret key of this simulation", attack.name)
+            return EncryptedAttackSimulation(strategy, attack, spec["attackers"], Path(simulation_keys) / NODE_DIR, sink=sink)
+        if str(cfg.strategy.name) == "he_robust":
+            raise ValueError(
+                f"attack={attack.name} with strategy=he_robust needs an adversary that holds the scoring secret key, which is allowed only "
+                "in a Ray simulation that creates its own keys (fedseal-train with security.keys_dir=null). Use attack=label_flip or attack=none here."
+            )
+        raise ValueError(f"attack={attack.name} crafts plaintext updates on the server, but strategy={cfg.strategy.name} encrypts them. Use attack=label_flip or attack=none, or a plaintext strategy.")
 
     audit = resources.audit if resources is not None else None
     validation = cfg.get("validation") or {}

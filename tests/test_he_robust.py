@@ -369,3 +369,27 @@ def test_state_round_trip(public, secret, key_dir, tmp_path, uploads) -> None:
         corrupted[-5] ^= 0xFF
         restored.restore_drift([bytes(corrupted)])
     assert isinstance(ArrayRecord(), ArrayRecord)
+
+
+def test_encrypted_sign_flip_caught_by_krum(public, secret, key_dir, tmp_path, updates, uploads) -> None:
+    from strategies.attack_simulation import AttackSettings
+    from strategies.encrypted_attack_simulation import EncryptedAttackSimulation
+
+    audit = Audit()
+    inner = make_strategy(public, RuleSettings(rule="krum", num_malicious=1), audit=audit)
+    attack = EncryptedAttackSimulation(inner, AttackSettings(name="sign_flip", fraction=0.2, scale=4.0), [0], key_dir)
+    grid = FederationGrid(key_dir, tmp_path, secret)
+    replies = replies_for(uploads)
+    before = replies[0].content.config_records[UPDATE_RECORD][BATCH_KEY][0]
+
+    inner._grid = grid
+    grid.see_round(1)
+    arrays, _ = attack.aggregate_train(1, replies)
+
+    after = replies[0].content.config_records[UPDATE_RECORD][BATCH_KEY][0]
+    assert after != before
+    crafted = attack._decrypt_upload(replies[0])
+    assert np.max(np.abs(crafted + 4.0 * updates[0])) <= 1e-6
+    assert arrays is not None
+    rejected = {fields["partition"] for fields in audit.events("update_rejected")}
+    assert 0 in rejected

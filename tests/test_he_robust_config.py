@@ -58,12 +58,27 @@ def test_validator_adds_one_supernode() -> None:
     assert simulated_supernodes(he_robust("strategy.rule=krum")) == 5
 
 
-def test_model_poisoning_rejected() -> None:
-    from strategies.factory import wrap_robustness
+def test_model_poisoning_needs_simulation_keys(tmp_path: Path) -> None:
+    from strategies.factory import RunResources, wrap_robustness
 
     cfg = he_robust("attack=sign_flip")
-    with pytest.raises(ValueError, match="attack=sign_flip crafts plaintext updates"):
+    user_keys = RunResources(task=None, run_dir=tmp_path)
+    with pytest.raises(ValueError, match="allowed only in a Ray simulation that creates its own keys"):
+        wrap_robustness(cfg, object(), None, user_keys)
+    with pytest.raises(ValueError, match="allowed only in a Ray simulation"):
         wrap_robustness(cfg, object(), None, None)
+
+
+def test_model_poisoning_wraps_with_simulation_keys(tmp_path: Path) -> None:
+    from strategies.encrypted_attack_simulation import EncryptedAttackSimulation
+    from strategies.factory import RunResources, wrap_robustness
+
+    init_scoring_keys(tmp_path / "keys")
+    resources = RunResources(task=None, run_dir=tmp_path, extra={"simulation_keys": tmp_path / "keys"})
+    wrapped = wrap_robustness(he_robust("attack=sign_flip", "attack.fraction=0.2"), object(), None, resources)
+
+    assert isinstance(wrapped, EncryptedAttackSimulation)
+    assert wrapped.attackers
 
 
 def test_scoring_keys_layout(tmp_path: Path) -> None:
