@@ -7,8 +7,15 @@ updates encrypted under the ``scoring_8192`` preset
 the repeats of each phase's wall-clock and CPU seconds. The statistics run
 in one thread, so their CPU seconds estimate what an idle core would take.
 It also reports the per-node encryption time, the committee's decryption
-time per scalar, and the bytes of one encrypted update and of one scalar
-ciphertext.
+time per scalar, the bytes of one encrypted update and of one scalar
+ciphertext, and the weighted sum that ``he_robust`` forms after scoring
+(one plaintext multiply per chunk and update, the additions and one
+rescale per chunk), timed like the statistics.
+
+The round total adds what the server of a ``he_robust`` round pays in
+sequence: loading the n updates, the statistics, one committee member's
+decryption of every scalar (members decrypt in parallel) and the weighted
+sum. The query messages are not included.
 
 With ``--workers K`` it also times `ScoringWorkerPool` with K processes,
 starting from the serialized updates, so those times include loading the
@@ -41,6 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crypto.ckks import scoring
+from crypto.ckks.scoring.aggregate import weighted_sum
 from crypto.ckks.scoring.pool import ScoringWorkerPool
 from strategies.encrypted_scoring import round_statistics
 
@@ -219,6 +227,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         decrypt_seconds = [
             timed(scoring.decrypt_scalar, secret, scalar)[1] for scalar in scalars[:20]
         ]
+        sums = [
+            timed(weighted_sum, public, updates, [1.0 / nodes] * nodes)[1]
+            for _ in range(args.repeats)
+        ]
+        logger.info("nodes %d weighted sum: %s", nodes, sums)
+        statistics_s = statistics.median(r["total"] for r in repeats)
+        round_total = (
+            nodes * results["load_s_per_update"]
+            + statistics_s
+            + len(scalars) * statistics.median(decrypt_seconds)
+            + statistics.median(sums)
+        )
         results["rounds"].append(
             {
                 "nodes": nodes,
@@ -237,6 +257,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 else None,
                 "pool_all_total_s": [r["total"] for r in pooled],
                 "decrypt_s_per_scalar": statistics.median(decrypt_seconds),
+                "weighted_sum_s": statistics.median(sums),
+                "round_total_s": round_total,
                 "scalar_bytes": len(scalars[0].serialize()),
                 "load_average_after": list(os.getloadavg()),
             }
