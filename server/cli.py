@@ -194,11 +194,15 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _models_decrypt(args: argparse.Namespace) -> int:
-    """Decrypt a run's final encrypted model with a node's secret context (run this on a site)."""
+    """Decrypt a run's final encrypted model with a node's secret context (run this on a site).
+
+    ``strategy=he_fedavg`` runs store an aggregation batch and ``strategy=he_robust``
+    runs a scoring drift; the file's format picks the key, so the options are the same.
+    """
     import torch
 
     from clients.encrypted import flatten, unflatten
-    from crypto import ckks
+    from crypto.ckks.scoring.aggregate import is_encrypted_drift
     from server.federation import ENCRYPTED_CHECKPOINT_NAME, INITIAL_MODEL_NAME
     from server.model_store import read_batch
 
@@ -206,25 +210,67 @@ def _models_decrypt(args: argparse.Namespace) -> int:
     encrypted = run_dir / ENCRYPTED_CHECKPOINT_NAME
     if not encrypted.exists():
         plain = " (it holds model_final.pt: the run was not encrypted, so load that file instead)" if (run_dir / "model_final.pt").exists() else ""
-        print(f"error: {encrypted} not found{plain}; pass the folder of a run with strategy=he_fedavg.", file=sys.stderr)
+        print(f"error: {encrypted} not found{plain}; pass the folder of a run with strategy=he_fedavg or strategy=he_robust.", file=sys.stderr)
         return 2
     initial = torch.load(run_dir / INITIAL_MODEL_NAME)
+    base = flatten(initial)
     drift_batch = read_batch(encrypted)
-    try:
-        secret = ckks.read_secret_context(args.secret_dir)
-        base = flatten(initial)
-        drift = ckks.decrypt_sum(secret, drift_batch, base.size)
-    except ckks.ContextFileError:
-        print(f"error: no secret context ({ckks.SECRET_CONTEXT_FILENAME}) in {args.secret_dir}; pass --secret-dir the node/ folder written by `fedseal keys init`, or RUN_DIR/keys/node for a simulation's own keys.", file=sys.stderr)
-        return 2
-    except ckks.FingerprintMismatchError:
-        print(f"error: the secret context in {args.secret_dir} does not match the key the model in {encrypted} was encrypted under; pass the node/ folder of this run's keys.", file=sys.stderr)
-        return 2
+    if len(drift_batch) == 1 and is_encrypted_drift(drift_batch[0]):
+        drift, code = _decrypt_scoring_drift(Path(args.secret_dir), drift_batch[0], base.size, encrypted)
+    else:
+        drift, code = _decrypt_aggregation_batch(Path(args.secret_dir), drift_batch, base.size, encrypted)
+    if drift is None:
+        return code
 
     state = unflatten(base + drift, initial)
     torch.save(state, args.out)
     print(f"Decrypted model written to {args.out}")
     return 0
+
+
+def _decrypt_aggregation_batch(secret_dir: Path, batch: list[bytes], length: int, source: Path):
+    """Return (drift, 0) of a he_fedavg batch, or (None, exit code) after printing why it failed."""
+    from crypto import ckks
+
+    try:
+        secret = ckks.read_secret_context(secret_dir)
+        return ckks.decrypt_sum(secret, batch, length), 0
+    except ckks.ContextFileError:
+        print(f"error: no secret context ({ckks.SECRET_CONTEXT_FILENAME}) in {secret_dir}; pass --secret-dir the node/ folder written by `fedseal keys init`, or RUN_DIR/keys/node for a simulation's own keys.", file=sys.stderr)
+        return None, 2
+    except ckks.FingerprintMismatchError:
+        print(f"error: the secret context in {secret_dir} does not match the key the model in {source} was encrypted under; pass the node/ folder of this run's keys.", file=sys.stderr)
+        return None, 2
+
+
+def _decrypt_scoring_drift(secret_dir: Path, data: bytes, length: int, source: Path):
+    """Return (drift, 0) of a he_robust scoring drift, or (None, exit code) after printing why it failed."""
+    from crypto.ckks.errors import CkksError, ContextFileError, FingerprintMismatchError
+    from crypto.ckks.scoring import (
+        SCORING_SECRET_CONTEXT_FILENAME,
+        read_scoring_secret_context,
+    )
+    from crypto.ckks.scoring.aggregate import EncryptedDrift, decrypt_drift
+
+    try:
+        secret = read_scoring_secret_context(secret_dir)
+    except ContextFileError:
+        print(
+            f"error: no scoring secret context ({SCORING_SECRET_CONTEXT_FILENAME}) in {secret_dir}; the run used strategy=he_robust, so pass --secret-dir "
+            "the node/ folder written by `fedseal keys init --scoring`, or RUN_DIR/keys/node for a simulation's own keys.",
+            file=sys.stderr,
+        )
+        return None, 2
+    try:
+        drift = EncryptedDrift.from_bytes(secret, data, length)
+        return decrypt_drift(secret, drift), 0
+    except FingerprintMismatchError:
+        print(f"error: the scoring secret context in {secret_dir} does not match the key the model in {source} was encrypted under; pass the node/ folder of this run's keys.", file=sys.stderr)
+        return None, 2
+    except CkksError as error:
+        # A corrupted file, another model size, or a drift beyond the preset's limit.
+        print(f"error: cannot decrypt the scoring drift in {source}: {error}", file=sys.stderr)
+        return None, 1
 
 
 def _version_index(db: str):
@@ -330,9 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="model versions")
     models_commands = models.add_subparsers(dest="models_command", required=True)
-    decrypt = models_commands.add_parser("decrypt", help="decrypt a run's final encrypted model (needs a node's secret context)")
+    decrypt = models_commands.add_parser("decrypt", help="decrypt a run's final encrypted model, he_fedavg or he_robust (needs a node's secret context)")
     decrypt.add_argument("run_dir", help="run directory with model_initial.pt and model_final.ckks")
-    decrypt.add_argument("--secret-dir", required=True, help="folder with the node secret context (node/ from `fedseal keys init`)")
+    decrypt.add_argument("--secret-dir", required=True, help="folder with the node secret context (node/ from `fedseal keys init`; he_robust runs need its --scoring key)")
     decrypt.add_argument("--out", required=True, help="where to write the decrypted state_dict (.pt)")
     decrypt.set_defaults(handler=_models_decrypt)
 

@@ -48,6 +48,7 @@ __all__ = [
     "EncryptedDrift",
     "decrypt_drift",
     "drift_limit",
+    "is_encrypted_drift",
     "weighted_sum",
 ]
 
@@ -57,6 +58,11 @@ _MAGIC = b"FSSCORAG"
 _FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sH32sQI")
 _CHUNK = struct.Struct("<II")
+
+
+def is_encrypted_drift(data: bytes) -> bool:
+    """Return whether ``data`` starts with the magic of a serialized drift (format check only, not validity)."""
+    return isinstance(data, bytes | bytearray) and bytes(data[: len(_MAGIC)]) == _MAGIC
 
 
 def drift_limit(context: ScoringPublicContext | ScoringSecretContext) -> float:
