@@ -11,9 +11,13 @@ runs with a fixed z with it (``alie/z=1.5``). With ``--per-round`` it also
 writes, per scenario, one row per run with the metric after each round
 (``train_loss`` reads the nodes' mean training loss of the round), and a table
 of how far the aggregate update was from the honest mean in attacked rounds.
+With ``--compare BASE OTHER`` it writes one table per scenario and malicious
+fraction with both strategies' metric under each attack and OTHER minus BASE
+in points (hundredths), and the largest gap.
 
     python bench/robustness_table.py multirun/2026-12-05/00-00-00 --out table.md
     python bench/robustness_table.py runs/ --per-round accuracy,train_loss
+    python bench/robustness_table.py runs/ --compare trust he_robust
 """
 
 from __future__ import annotations
@@ -343,6 +347,38 @@ def _mean_text(values: list[float]) -> str:
     return f"{sum(values) / len(values):.2f}" if values else "-"
 
 
+def render_comparison(runs: list[RunResult], base: str, other: str) -> str:
+    """Return, per scenario and fraction, ``base`` and ``other`` under each attack and their gap in points."""
+    lines: list[str] = []
+    cells = {(r.scenario, r.strategy, r.attack, r.fraction): r.value for r in runs}
+    for scenario in sorted({r.scenario for r in runs}):
+        scenario_runs = [r for r in runs if r.scenario == scenario and r.strategy in (base, other)]
+        metric = scenario_runs[0].metric if scenario_runs else "metric"
+        for fraction in sorted({r.fraction for r in scenario_runs if r.fraction > 0}):
+            attacks = _order({r.attack for r in scenario_runs}, ATTACK_ORDER)
+            lines += [
+                f"#### {scenario}: final {metric}, {base} against {other}, malicious fraction {fraction:.0%}",
+                "",
+                f"| attack | {base} | {other} | {other} - {base}, points |",
+                "|---|---:|---:|---:|",
+            ]
+            gaps = []
+            for attack in attacks:
+                # Attack-free runs carry fraction 0.
+                key_fraction = 0.0 if attack == "none" else fraction
+                a = cells.get((scenario, base, attack, key_fraction), float("nan"))
+                b = cells.get((scenario, other, attack, key_fraction), float("nan"))
+                gap = 100 * (b - a)
+                if not math.isnan(gap):
+                    gaps.append(gap)
+                lines.append(f"| {attack} | {_cell(a, None)} | {_cell(b, None)} | {gap:+.2f} |")
+            if gaps:
+                worst = max(gaps, key=abs)
+                lines += ["", f"Largest gap: {worst:+.2f} points over {len(gaps)} attacks (none included)."]
+            lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, read the runs and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -360,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="METRICS",
         help="comma-separated metrics (server evaluation names or train_loss) to tabulate after every round",
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("BASE", "OTHER"),
+        help="write only the comparison of two strategies, e.g. --compare trust he_robust",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -371,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
 
-    text = render(runs)
+    text = render_comparison(runs, *args.compare) if args.compare else render(runs)
     if args.per_round:
         text += "\n" + render_rounds(runs, [m for m in args.per_round.split(",") if m])
     if args.out:

@@ -144,3 +144,30 @@ def test_per_round_tables_show_values(table, tmp_path: Path) -> None:
     # norm 3.0 / 2.0, cosine 0.25 (mean and min).
     assert "| median | alie 20% | 1.50 | 0.50 | 0.50 | 1.50 | 0.25 | 0.25 |" in text
     assert "| fedavg | none | 1" not in text
+
+
+def _summary_run(folder: Path, strategy: str, attack: str, value: float) -> None:
+    folder.mkdir(parents=True)
+    fraction = 0.0 if attack == "none" else 0.2
+    summary = {
+        "scenario": "fraud",
+        "strategy": strategy,
+        "attack": {"name": attack, "fraction": fraction, "attackers": [2, 4] if fraction else []},
+        "primary_metric": "roc_auc",
+        "federated": {"global": {"roc_auc": value}},
+    }
+    (folder / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+
+
+def test_compare_reports_gap_in_points(table, tmp_path: Path) -> None:
+    _summary_run(tmp_path / "a", "trust", "none", 0.930)
+    _summary_run(tmp_path / "b", "he_robust", "none", 0.925)
+    _summary_run(tmp_path / "c", "trust", "sign_flip", 0.931)
+    _summary_run(tmp_path / "d", "he_robust", "sign_flip", 0.901)
+
+    text = table.render_comparison(table.collect([tmp_path]), "trust", "he_robust")
+
+    assert "#### fraud: final roc_auc, trust against he_robust, malicious fraction 20%" in text
+    assert "| none | 0.930 | 0.925 | -0.50 |" in text
+    assert "| sign_flip | 0.931 | 0.901 | -3.00 |" in text
+    assert "Largest gap: -3.00 points over 2 attacks (none included)." in text
