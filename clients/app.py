@@ -195,7 +195,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train_reference(msg: Message, context: Context, spec: TaskSpec, partition_id: int) -> Message:
-    """Train and encrypt the trust reference on the validator's root rows; the reply is never aggregated."""
+    """Train, encrypt and sign the trust reference on the validator's root rows; the reply is never aggregated."""
     config = msg.content[CONFIG_KEY]
     if config.get(robust.ROLE_KEY) != robust.ROLE_VALIDATOR:
         raise ValueError(f"Partition {partition_id} is the validator and only trains the reference; the message does not name the validator role.")
@@ -212,6 +212,9 @@ def _train_reference(msg: Message, context: Context, spec: TaskSpec, partition_i
 
     metrics = MetricRecord({robust.REFERENCE_NORM_KEY: norm, TRAIN_SECONDS_KEY: seconds})
     content = RecordDict({METRICS_KEY: metrics, UPDATE_RECORD: ConfigRecord({BATCH_KEY: [data]}), NODE_KEY: ConfigRecord({"partition-id": partition_id})})
+    # Signed as a training reply is, over the encrypted reference; the server checks it before scoring with it.
+    # NOTE: as for training replies, the signature does not cover the metrics, so reference-norm relies on TLS alone.
+    signing.sign_train_reply(content, msg.content, dict(context.node_config), spec.provenance, partition_id, server_round)
     return Message(content=content, reply_to=msg)
 
 

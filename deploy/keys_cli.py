@@ -41,7 +41,9 @@ def tls_keys_init(args: argparse.Namespace) -> int:
     hosts = [*pki.DEFAULT_HOSTS, *args.san]
     try:
         files = pki.init_tls(Path(args.out), hosts, args.ca_cert, args.ca_key, overwrite=args.overwrite)
-        auth = pki.init_node_auth_keys(Path(args.out), args.nodes, overwrite=args.overwrite) if args.nodes else []
+        # The he_robust trust validator is one more SuperNode, node N.
+        supernodes = args.nodes + 1 if getattr(args, "validator", False) else args.nodes
+        auth = pki.init_node_auth_keys(Path(args.out), supernodes, overwrite=args.overwrite) if args.nodes else []
     except (FileExistsError, FileNotFoundError, ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -35,6 +35,8 @@ REVOKED = "revoked"
 STATUSES = (ACTIVE, QUARANTINED, REVOKED)
 
 DEFAULT_FILENAME = "registry.sqlite"
+# Organisation label of the he_robust trust validator's key: only such a key may sign a trust reference.
+VALIDATOR_ORGANISATION = "validator"
 # Seconds to wait for a database server before reporting it unreachable.
 CONNECT_TIMEOUT_S = 10
 

@@ -3,7 +3,7 @@
     fedseal data check [--root DIR] [--download]
     fedseal summary RUN_DIR
     fedseal report DIR --out OUTDIR
-    fedseal keys init --out DIR [--preset compact_wide] [--overwrite] [--nodes N [--org LABEL ...] [--db URL]]
+    fedseal keys init --out DIR [--preset compact_wide] [--overwrite] [--scoring] [--nodes N [--validator] [--org LABEL ...] [--db URL]]
                       [--tls [--ca-cert FILE --ca-key FILE] [--san HOST ...]]
     fedseal nodes list --db URL
     fedseal nodes revoke ID --db URL
@@ -80,6 +80,8 @@ def _keys_init(args: argparse.Namespace) -> int:
     from server.keys import NODE_DIR, SERVER_DIR, init_ckks_keys, init_scoring_keys
 
     problem = check_tls_arguments(args)
+    if args.validator and not args.nodes:
+        problem = "--validator needs --nodes N; the validator's signing key is node N, after the training nodes."
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -110,11 +112,13 @@ def _signing_keys_init(args: argparse.Namespace) -> int:
     from server.keys import init_signing_keys
 
     try:
-        nodes = init_signing_keys(Path(args.out), args.nodes, args.db, args.org, overwrite=args.overwrite)
+        nodes = init_signing_keys(Path(args.out), args.nodes, args.db, args.org, overwrite=args.overwrite, validator=args.validator)
     except (FileExistsError, ValueError, RegistryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"Ed25519 signing keys for {len(nodes)} nodes in {Path(args.out) / SIGNING_DIR} (install node-<id>/signing.key on that site only)")
+    if args.validator:
+        print(f"  node {args.nodes} is the he_robust trust validator: install its key where the validator SuperNode runs (partition-id={args.nodes})")
     _print_nodes(nodes)
     return 0
 
@@ -351,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--scoring", action="store_true", help="also create the scoring key pair that strategy=he_robust uses, in the same server/ and node/ folders")
     init.add_argument("--scoring-preset", default="scoring_8192", choices=["scoring_8192"], help="scoring CKKS preset (default: scoring_8192)")
     init.add_argument("--nodes", type=int, default=0, help="also create an Ed25519 signing key pair for nodes 0..N-1 and register them")
+    init.add_argument("--validator", action="store_true", help="with --nodes N, also create and register the signing key of the strategy=he_robust strategy.rule=trust validator as node N (organisation 'validator')")
     init.add_argument("--org", action="append", help="organisation label of the nodes: once for all, or once per node (default: site-<id>)")
     init.add_argument("--db", help="SQLAlchemy URL of the node registry (default: sqlite in OUT/registry.sqlite)")
     from deploy.keys_cli import add_tls_arguments

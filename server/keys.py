@@ -23,6 +23,11 @@ Galois keys, no secret key), ``node/ckks_scoring_secret_context.bin`` (mode
 ``out_dir/registry.sqlite``
     The default node registry with every public key, unless another
     database URL is given.
+
+With ``validator=True`` (``fedseal keys init --nodes N --validator``) the
+validator of ``strategy=he_robust strategy.rule=trust`` gets the same files
+under node id ``N``, the partition id after the training nodes, and the
+organisation label ``validator``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,13 @@ import logging
 from pathlib import Path
 
 from crypto import ckks, signing
-from provenance.registry import DEFAULT_FILENAME, NodeInfo, NodeRegistry, sqlite_url
+from provenance.registry import (
+    DEFAULT_FILENAME,
+    VALIDATOR_ORGANISATION,
+    NodeInfo,
+    NodeRegistry,
+    sqlite_url,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +121,7 @@ def init_signing_keys(
     registry_url: str | None = None,
     organisations: list[str] | None = None,
     overwrite: bool = False,
+    validator: bool = False,
 ) -> list[NodeInfo]:
     """Create an Ed25519 key pair per node under ``out_dir/signing`` and register the public keys.
 
@@ -125,6 +137,9 @@ def init_signing_keys(
         One label for all nodes, or one per node; default ``site-<i>``.
     overwrite : bool
         Replace existing key files and rotate the registered keys.
+    validator : bool
+        Also create the validator's key as node ``num_nodes``, labelled
+        ``validator`` (``strategy=he_robust strategy.rule=trust``).
 
     Raises
     ------
@@ -143,7 +158,8 @@ def init_signing_keys(
         raise ValueError(f"Got {len(labels)} --org labels for {num_nodes} nodes; give one label for all nodes or one per node.")
 
     out_dir = Path(out_dir)
-    folders = [signing.node_key_dir(out_dir / signing.SIGNING_DIR, node_id) for node_id in range(num_nodes)]
+    node_ids = range(num_nodes + 1 if validator else num_nodes)
+    folders = [signing.node_key_dir(out_dir / signing.SIGNING_DIR, node_id) for node_id in node_ids]
     existing = [folder / signing.PRIVATE_KEY_FILENAME for folder in folders if (folder / signing.PRIVATE_KEY_FILENAME).exists()]
     if existing and not overwrite:
         # Checked before writing anything, so a refused call leaves no half-made key set.
@@ -152,10 +168,12 @@ def init_signing_keys(
     registry = NodeRegistry(registry_url or sqlite_url(out_dir / DEFAULT_FILENAME))
     try:
         nodes = []
-        for node_id in range(num_nodes):
+        for node_id in node_ids:
             key = signing.generate_private_key()
             signing.save_key_pair(key, folders[node_id], overwrite=overwrite)
-            if len(labels) == num_nodes:
+            if node_id == num_nodes:
+                label = VALIDATOR_ORGANISATION
+            elif len(labels) == num_nodes:
                 label = labels[node_id]
             elif labels:
                 label = labels[0]
@@ -164,5 +182,5 @@ def init_signing_keys(
             nodes.append(registry.register(node_id, signing.public_key_hex(key), label, replace=overwrite))
     finally:
         registry.close()
-    logger.info("Signing keys for %d nodes written to %s", num_nodes, out_dir / signing.SIGNING_DIR)
+    logger.info("Signing keys for %d nodes%s written to %s", num_nodes, " and the validator" if validator else "", out_dir / signing.SIGNING_DIR)
     return nodes

@@ -107,10 +107,13 @@ def provision_signing_keys(cfg: DictConfig, run_dir: Path) -> None:
 
     The public keys go to ``provenance.registry_url``, or by default to
     ``run_dir/keys/registry.sqlite``. Keys already there are replaced, so a
-    restarted run signs with fresh keys that the registry also holds.
+    restarted run signs with fresh keys that the registry also holds. The
+    validator of ``strategy=he_robust strategy.rule=trust`` gets its own key
+    as node ``nodes``.
     """
+    from server.config import uses_validator
     from server.keys import init_signing_keys
 
     keys_dir = run_dir / "keys"
-    init_signing_keys(keys_dir, int(cfg.nodes), cfg.provenance.registry_url, overwrite=True)
+    init_signing_keys(keys_dir, int(cfg.nodes), cfg.provenance.registry_url, overwrite=True, validator=uses_validator(cfg))
     cfg.provenance.keys_dir = str(keys_dir)

@@ -136,6 +136,7 @@ def build_strategy(cfg: Any, sink: RoundSink, resources: RunResources | None = N
 
     sampling = sampling_settings(cfg)
     strategy = BUILDERS[name](cfg.strategy, sampling, resources)
+    rule_strategy = strategy
     strategy = wrap_robustness(cfg, strategy, sink, resources)
     # Central DP noises the aggregate before any outer layer (canary nodes
     # included) sees it; DP-SGD only records what the nodes report.
@@ -160,6 +161,9 @@ def build_strategy(cfg: Any, sink: RoundSink, resources: RunResources | None = N
 
     if signatures_enabled(cfg):
         strategy = wrap_with_signatures(strategy, resources, sink)
+        if hasattr(rule_strategy, "reference_verifier"):
+            # he_robust requests the trust reference itself, inside aggregate_train, so the wrapper checks it on request.
+            rule_strategy.reference_verifier = strategy
     strategy = RecordingStrategy(strategy, sink)
     if resources is None:
         return strategy

@@ -20,7 +20,11 @@ Each round:
 
 The trust rule requests the reference from the validator node. The validator
 holds the root rows and the scoring key, is never sampled for training,
-and its reply is never aggregated.
+and its reply is never aggregated. With signature checks on, the reply must
+pass ``SignatureVerification.check_reference`` (``reference_verifier``)
+before the server scores with it. A reply that fails it, or no reply at all,
+skips the round: the global model stays and ``he_robust_round_skipped``
+records why.
 """
 
 from __future__ import annotations
@@ -169,6 +173,11 @@ class EncryptedRobust(FedAvg):
         Receives accepted, rejected and aggregate entries, and every rule decision.
     versions : VersionSink, optional
         Stores each encrypted global version.
+    reference_verifier : object, optional
+        Trust rule: checks the validator's signed reply before it is used
+        (``check_reference(server_round, request, reply)`` returning a verdict
+        whose ``reason`` is None when accepted). None uses the reply unchecked,
+        as when ``provenance.signatures`` is false.
     sink : object, optional
         The run log (``record_event``), for ``metrics.jsonl`` phase ``he_robust``.
     **fedavg_kwargs
@@ -187,6 +196,7 @@ class EncryptedRobust(FedAvg):
         audit: AuditSink | None = None,
         versions: VersionSink | None = None,
         sink: Any = None,
+        reference_verifier: Any = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -204,6 +214,7 @@ class EncryptedRobust(FedAvg):
         self.audit = audit
         self.versions = versions
         self.sink = sink
+        self.reference_verifier = reference_verifier
         self.drift: list[bytes] | None = None
         self.version_round = 0
         self.node_sizes: dict[int, float] = {}
@@ -415,6 +426,7 @@ class EncryptedRobust(FedAvg):
             reason = replies[0].error.reason if replies else "no reply"
             raise ValueError(f"validator node {validator} did not send a reference: {reason}")
 
+        self._verify_reference(server_round, validator, message, replies[0])
         content = replies[0].content
         try:
             data = content.config_records[UPDATE_RECORD][BATCH_KEY][0]
@@ -425,6 +437,23 @@ class EncryptedRobust(FedAvg):
         logger.info("aggregate_train: round %d, validator node %d sent a reference of norm %.6g", server_round, validator, norm)
         self._report(server_round, "reference", None, node_id=validator, reference_norm=norm, digest=hashlib.sha256(bytes(data)).hexdigest())
         return reference, norm
+
+    def _verify_reference(self, server_round: int, validator: int, request: Message, reply: Message) -> None:
+        """Raise ValueError unless the reply names the validator's partition and, with signatures on, its signature passes."""
+        claimed = partition_of(reply)
+        expected = self.partitions.get(validator)
+        if claimed != expected:
+            reason = f"its reply names partition {claimed}, but the node reported partition {expected}"
+            logger.warning("aggregate_train: round %d, rejected the reference of validator node %d: %s", server_round, validator, reason)
+            if self.audit is not None:
+                self.audit.append("reference_rejected", round=server_round, node_id=validator, partition=claimed, reason=reason)
+            raise ValueError(f"validator node {validator}'s reference was rejected: {reason}")
+        if self.reference_verifier is None:
+            return
+        # The verifier logs and audits its verdict itself.
+        verdict = self.reference_verifier.check_reference(server_round, request, reply)
+        if verdict.reason is not None:
+            raise ValueError(f"validator node {validator}'s reference was rejected: {verdict.reason}")
 
     # --- records ----------------------------------------------------------------
 

@@ -16,7 +16,10 @@ the key in the registry. A reply is rejected, the round going on without it, whe
 
 Audit entries (``provenance.audit``): ``node_key`` for every registered node
 at run start, ``update_accepted`` and ``update_rejected`` per reply, each with
-``check: "signature"``. As in the other entries of the log, ``partition`` is
+``check: "signature"``. The ``he_robust`` trust validator's reference reply
+goes through the same checks in ``check_reference``, which also requires a
+key registered with the organisation ``validator``, and is audited as
+``reference_accepted`` or ``reference_rejected``. As in the other entries of the log, ``partition`` is
 the node id of the registry and ``node_id`` Flower's transport id. Accepted
 entries store everything needed to re-verify them from the log alone
 (``verify_audit_signatures``).
@@ -42,7 +45,7 @@ from flwr.serverapp.strategy import Strategy
 
 from clients.signing import base_version_hash, payload_hash
 from crypto import signing
-from provenance.registry import ACTIVE, DEFAULT_FILENAME, NodeInfo, NodeRegistry, sqlite_url
+from provenance.registry import ACTIVE, DEFAULT_FILENAME, VALIDATOR_ORGANISATION, NodeInfo, NodeRegistry, sqlite_url
 from scenarios.spec import TaskSpec
 from strategies.recording import partition_of
 
@@ -53,6 +56,9 @@ CHECK = "signature"
 COST_PHASE = "provenance"
 # Threads that hash reply payloads in parallel.
 HASH_THREADS = min(8, os.cpu_count() or 1)
+# Audit subjects: a training update, or the trust validator's encrypted reference.
+UPDATE = "update"
+REFERENCE = "reference"
 
 
 @dataclass(frozen=True)
@@ -230,6 +236,29 @@ class SignatureVerification(Strategy):
         reason = _mismatch_reason(record, claimed, self.run_id, server_round, partition, base, payload)
         return Verdict(partition, reason, digest=claimed, payload_hash=payload, base_hash=base)
 
+    def check_reference(self, server_round: int, request: Message, reply: Message) -> Verdict:
+        """Check the trust validator's reference reply as a training reply is checked; log, audit and return the verdict.
+
+        ``request`` is the train message the validator received, whose model is
+        the base version it signed. Besides ``check_reply``'s checks, the
+        signing key must be registered with the organisation ``validator``, so
+        a training site's key cannot sign a reference.
+        """
+        self._base_hashes[request.metadata.dst_node_id] = base_version_hash(request.content)
+        nodes = {node.node_id: node for node in self.registry.list_nodes()}
+        verdict = self.check_reply(server_round, reply, nodes)
+        node = nodes.get(verdict.partition) if verdict.partition is not None else None
+        if verdict.reason is None and node is not None and node.organisation != VALIDATOR_ORGANISATION:
+            reason = f"node {verdict.partition} is registered for organisation {node.organisation!r}, not {VALIDATOR_ORGANISATION!r}, so it may not sign a reference"
+            verdict = Verdict(verdict.partition, reason, digest=verdict.digest)
+
+        self._record(server_round, reply, verdict, subject=REFERENCE)
+        if node is not None and verdict.reason is None:
+            self.registry.record_contributions(accepted=[verdict.partition])
+        elif node is not None:
+            self.registry.record_contributions(rejected=[verdict.partition])
+        return verdict
+
     def _public_key(self, key_hex: str) -> Ed25519PublicKey | None:
         if key_hex not in self._public_keys:
             try:
@@ -238,12 +267,12 @@ class SignatureVerification(Strategy):
                 return None
         return self._public_keys[key_hex]
 
-    def _record(self, server_round: int, reply: Message, verdict: Verdict) -> None:
-        """Log and audit one verdict."""
+    def _record(self, server_round: int, reply: Message, verdict: Verdict, subject: str = UPDATE) -> None:
+        """Log and audit one verdict on an ``update`` or a ``reference``."""
         node_id = reply.metadata.src_node_id
         if verdict.reason is None:
             self.audit.append(
-                "update_accepted",
+                f"{subject}_accepted",
                 check=CHECK,
                 round=server_round,
                 run_id=self.run_id,
@@ -256,8 +285,8 @@ class SignatureVerification(Strategy):
             )
             return
 
-        logger.warning("aggregate_train: rejected update of node %s (Flower node %d) in round %d: %s", verdict.partition, node_id, server_round, verdict.reason)
-        self.audit.append("update_rejected", check=CHECK, round=server_round, run_id=self.run_id, node_id=node_id, partition=verdict.partition, reason=verdict.reason, digest=verdict.digest)
+        logger.warning("aggregate_train: rejected %s of node %s (Flower node %d) in round %d: %s", subject, verdict.partition, node_id, server_round, verdict.reason)
+        self.audit.append(f"{subject}_rejected", check=CHECK, round=server_round, run_id=self.run_id, node_id=node_id, partition=verdict.partition, reason=verdict.reason, digest=verdict.digest)
 
 
 def _hash_payload(reply: Message) -> str | ValueError | None:
@@ -364,6 +393,8 @@ def setup_signatures(cfg: Any, spec: TaskSpec, resources: Any, run_dir: Path) ->
             "(or provenance.registry_url=URL), or set provenance.signatures=false."
         )
 
+    _check_validator_key(cfg, nodes, registry)
+
     # A resumed run keeps its id; its rounds keep counting, so replays stay detectable.
     run_id = getattr(resources, "run_id", "") or uuid.uuid4().hex
     for node in nodes:
@@ -374,6 +405,30 @@ def setup_signatures(cfg: Any, spec: TaskSpec, resources: Any, run_dir: Path) ->
 
     keys_dir = cfg.provenance.get("keys_dir")
     return replace(spec, provenance={"run_id": run_id, "keys_dir": str(keys_dir) if keys_dir else None})
+
+
+def _check_validator_key(cfg: Any, nodes: list[NodeInfo], registry: NodeRegistry) -> None:
+    """Reject a trust run whose registry has no validator key, since every reference would be rejected.
+
+    Raises
+    ------
+    ValueError
+        If ``strategy=he_robust strategy.rule=trust`` and node ``nodes`` is not
+        registered with the organisation ``validator``.
+    """
+    from server.config import uses_validator
+
+    if cfg.get("strategy") is None or not uses_validator(cfg):
+        return
+    validator_id = int(cfg.nodes)
+    entry = next((node for node in nodes if node.node_id == validator_id), None)
+    if entry is None or entry.organisation != VALIDATOR_ORGANISATION:
+        registry.close()
+        found = "is not registered" if entry is None else f"is registered for organisation {entry.organisation!r}"
+        raise ValueError(
+            f"strategy.rule=trust needs the validator's signing key as node {validator_id} in {registry.url}, but node {validator_id} {found}. "
+            f"Run `fedseal keys init --out DIR --nodes {validator_id} --validator` and pass provenance.keys_dir=DIR, or set provenance.signatures=false."
+        )
 
 
 def wrap_with_signatures(strategy: Strategy, resources: Any, sink: Any = None) -> SignatureVerification:
@@ -404,7 +459,7 @@ class SignatureAuditResult:
 
 
 def verify_audit_signatures(path: Path) -> SignatureAuditResult:
-    """Re-check every signed ``update_accepted`` entry of an audit log against its ``node_key`` entries.
+    """Re-check every signed ``update_accepted`` and ``reference_accepted`` entry of an audit log against its ``node_key`` entries.
 
     Each entry's digest is recomputed from its run id, round, node, base hash
     and payload hash, and its signature verified with the public key of the
@@ -422,7 +477,7 @@ def verify_audit_signatures(path: Path) -> SignatureAuditResult:
 
         if entry.get("event") == "node_key":
             keys[(str(entry.get("run_id")), entry.get("partition"))] = entry
-        elif entry.get("event") == "update_accepted" and entry.get("check") == CHECK:
+        elif entry.get("event") in (f"{UPDATE}_accepted", f"{REFERENCE}_accepted") and entry.get("check") == CHECK:
             problem = _audit_entry_problem(entry, keys)
             if problem:
                 return SignatureAuditResult(False, checked, number, problem)
