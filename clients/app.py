@@ -18,6 +18,7 @@ disk each time (``clients.node_state``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -203,8 +204,11 @@ def _train_reference(msg: Message, context: Context, spec: TaskSpec, partition_i
     secret, state = _encrypted_global(msg, context, spec)
     examples = [float(value) for value in config.get(robust.NODE_EXAMPLES_KEY, [])]
 
+    # A SuperNode's own data-root wins over the server's, as for training nodes.
+    root = _data_root(context)
+    reference_spec = dataclasses.replace(spec, data_root=root) if root else spec
     started = time.perf_counter()
-    reference = robust.train_reference(spec, state, server_round, examples)
+    reference = robust.train_reference(reference_spec, state, server_round, examples)
     seconds = time.perf_counter() - started
     norm = float(np.linalg.norm(reference))
     data = robust.encrypt_vector(secret, reference, float(spec.encryption["norm_bound"]))

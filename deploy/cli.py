@@ -1,6 +1,10 @@
 """``fedseal deploy local``: a whole federation on this machine with one command.
 
     fedseal deploy local --nodes 3 --state-dir /tmp/fedseal-deploy -- strategy=he_fedavg rounds=2
+    fedseal deploy local --nodes 3 --state-dir /tmp/fedseal-robust -- strategy=he_robust strategy.rule=trust rounds=2
+
+With ``strategy=he_robust strategy.rule=trust`` a fourth SuperNode, the
+validator (partition id 3), starts beside the three sites.
 
 Everything after ``--`` is a Hydra override, exactly as for ``fedseal-train``.
 The command exits 0 only if ``flwr ls`` reports the run as
@@ -129,10 +133,19 @@ def _run(args: argparse.Namespace, cfg, groups: dict[str, str], overrides: list[
     from deploy.launcher import LocalFederation
     from deploy.layout import provision
     from scenarios.datasets import resolve_data_root
+    from server.config import uses_validator
 
     started = time.monotonic()
     try:
-        layout = provision(Path(args.state_dir), args.nodes, str(cfg.security.preset), tls=not args.insecure, hosts=["127.0.0.1", "localhost", *args.san], data_root=resolve_data_root(cfg.data.root))
+        layout = provision(
+            Path(args.state_dir),
+            args.nodes,
+            str(cfg.security.preset),
+            tls=not args.insecure,
+            hosts=["127.0.0.1", "localhost", *args.san],
+            data_root=resolve_data_root(cfg.data.root),
+            validator=uses_validator(cfg),
+        )
     except (ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -152,8 +165,9 @@ def _run(args: argparse.Namespace, cfg, groups: dict[str, str], overrides: list[
         with federation:
             federation.start_superlink()
             federation.register_nodes()
-            for partition_id in range(args.nodes):
-                federation.start_supernode(partition_id)
+            # The sites, then the he_robust trust validator when the run needs one.
+            for node in layout.supernodes():
+                federation.start_supernode(node.partition_id)
             federation.wait_nodes_online()
             run_id = federation.submit(run_config)
             print(f"Run {run_id} submitted; outputs in {run_dir}")

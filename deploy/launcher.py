@@ -8,7 +8,8 @@ of ``fedseal deploy local`` are its methods, in this order:
    insecure), a state database in the state directory, a free port.
 2. ``register_nodes``: ``flwr supernode register`` for each site's public key
    (skipped for keys the SuperLink's database already holds).
-3. ``start_supernode`` for each site, then ``wait_nodes_online``.
+3. ``start_supernode`` for each site and, for ``strategy=he_robust
+   strategy.rule=trust``, the validator (partition id N), then ``wait_nodes_online``.
 4. ``submit`` the app with the Hydra overrides as run config, then
    ``follow`` its log until it ends and read the final status with ``flwr ls``.
 """
@@ -182,11 +183,12 @@ class LocalFederation:
             return {}
         ids_file = self.layout.superlink_dir / NODE_IDS_FILE
         known = {int(key): int(value) for key, value in json.loads(ids_file.read_text()).items()} if ids_file.exists() else {}
-        for node in self.layout.nodes():
+        for node in self.layout.supernodes():
             if node.partition_id in known:
                 continue
-            known[node.partition_id] = flwr_cli.register_node(node.auth_public_key, self.env, name=f"site-{node.partition_id}")
-            logger.info("Registered the key of site %d as SuperNode %d", node.partition_id, known[node.partition_id])
+            name = "validator" if node.partition_id == self.layout.num_nodes else f"site-{node.partition_id}"
+            known[node.partition_id] = flwr_cli.register_node(node.auth_public_key, self.env, name=name)
+            logger.info("Registered the key of %s (partition %d) as SuperNode %d", name, node.partition_id, known[node.partition_id])
             ids_file.write_text(json.dumps({str(key): value for key, value in known.items()}), encoding="utf-8")
         self.node_ids = known
         return known
@@ -233,14 +235,14 @@ class LocalFederation:
         return sorted(partition for partition, node_id in self.node_ids.items() if statuses.get(node_id) == "online")
 
     def wait_nodes_online(self, partitions: Sequence[int] | None = None, timeout_s: float = 120.0) -> None:
-        """Wait until the given sites (default: all) are online; log who is online while waiting.
+        """Wait until the given sites (default: every SuperNode, the validator included) are online; log who is online while waiting.
 
         Raises
         ------
         RuntimeError
             If a SuperNode exits first or the wait times out; the message names the sites and their log tails.
         """
-        expected = sorted(partitions if partitions is not None else range(self.layout.num_nodes))
+        expected = sorted(partitions if partitions is not None else [node.partition_id for node in self.layout.supernodes()])
         online: list[int] = []
 
         def all_online() -> bool:

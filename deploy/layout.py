@@ -12,8 +12,16 @@ then copies to each party only what that party may hold::
       nodes/node-<i>/keys/ ca.crt, auth.key, auth.pub, signing.key, ckks/ (secret contexts: aggregation and scoring)
       nodes/node-<i>/state/ privacy ledger and local model cache
       nodes/node-<i>/node-config.toml
+      nodes/node-<N>/      the he_robust trust validator (partition id N), with --validator: the same files
       flwr-home/           FLWR_HOME: config.toml with the connection, CLI state
       logs/                superlink.log, supernode-<i>.log, run.log
+
+With ``validator=True`` (``strategy=he_robust strategy.rule=trust``) the
+validator is one more SuperNode, ``node-<N>`` after the N sites: its own
+signing key (registered with the organisation ``validator``), SuperNode
+authentication key, the scoring secret and a state folder. Its node config
+says ``num-partitions = N + 1``. A folder provisioned without it gets it on
+the first call that requests it.
 
 The ServerApp reads ``server/keys`` only, so it never receives the CKKS
 secret context or a node's private key. Running ``provision`` again on the
@@ -32,7 +40,15 @@ from crypto import ckks
 from crypto import signing as signing_keys
 from deploy import pki
 from provenance.registry import DEFAULT_FILENAME as REGISTRY_FILENAME
-from server.keys import NODE_DIR, SCORING_FINGERPRINT_FILE, SERVER_DIR, init_ckks_keys, init_scoring_keys, init_signing_keys
+from server.keys import (
+    NODE_DIR,
+    SCORING_FINGERPRINT_FILE,
+    SERVER_DIR,
+    init_ckks_keys,
+    init_scoring_keys,
+    init_signing_keys,
+    init_validator_signing_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +103,14 @@ class Layout:
         Number of sites.
     tls : bool
         Whether TLS material and authentication keys exist (False with ``--insecure``).
+    validator : bool, default False
+        Whether the he_robust trust validator runs as SuperNode ``num_nodes``.
     """
 
     root: Path
     num_nodes: int
     tls: bool
+    validator: bool = False
 
     @property
     def dealer(self) -> Path:
@@ -155,8 +174,21 @@ class Layout:
         )
 
     def nodes(self) -> list[NodeFiles]:
-        """Return every site's files, by partition id."""
+        """Return every site's files, by partition id (the validator excluded)."""
         return [self.node(partition_id) for partition_id in range(self.num_nodes)]
+
+    def validator_node(self) -> NodeFiles | None:
+        """Return the validator's files (partition id ``num_nodes``), or None without a validator."""
+        return self.node(self.num_nodes) if self.validator else None
+
+    def supernodes(self) -> list[NodeFiles]:
+        """Return the files of every SuperNode to start: the sites, then the validator if there is one."""
+        validator = self.validator_node()
+        return self.nodes() + ([validator] if validator is not None else [])
+
+    def num_partitions(self, node: NodeFiles) -> int:
+        """Return the ``num-partitions`` of ``node``'s config: N for a site, N + 1 for the validator."""
+        return self.num_nodes + 1 if self.validator and node.partition_id == self.num_nodes else self.num_nodes
 
 
 def check_state_dir(path: Path) -> Path:
@@ -173,7 +205,15 @@ def check_state_dir(path: Path) -> Path:
     return resolved
 
 
-def provision(state_dir: Path, num_nodes: int, preset: str, tls: bool, hosts: list[str] | None = None, data_root: Path | None = None) -> Layout:
+def provision(
+    state_dir: Path,
+    num_nodes: int,
+    preset: str,
+    tls: bool,
+    hosts: list[str] | None = None,
+    data_root: Path | None = None,
+    validator: bool = False,
+) -> Layout:
     """Create the keys (first call) and give each party its files; return the layout.
 
     Parameters
@@ -190,6 +230,8 @@ def provision(state_dir: Path, num_nodes: int, preset: str, tls: bool, hosts: li
         Hosts for the SuperLink certificate (default 127.0.0.1 and localhost).
     data_root : Path, optional
         Dataset folder written into each site's node config; None leaves it to the task.
+    validator : bool, default False
+        Also provision the he_robust trust validator as SuperNode ``num_nodes``.
 
     Raises
     ------
@@ -199,7 +241,7 @@ def provision(state_dir: Path, num_nodes: int, preset: str, tls: bool, hosts: li
     """
     if num_nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {num_nodes}.")
-    layout = Layout(check_state_dir(state_dir), num_nodes, tls)
+    layout = Layout(check_state_dir(state_dir), num_nodes, tls, validator)
     if (layout.dealer / FINGERPRINT_FILE).exists():
         _check_existing(layout, preset)
     else:
@@ -207,10 +249,12 @@ def provision(state_dir: Path, num_nodes: int, preset: str, tls: bool, hosts: li
     if not (layout.dealer / SCORING_FINGERPRINT_FILE).exists():
         # The scoring key of strategy=he_robust; a folder provisioned before it existed gets one now.
         init_scoring_keys(layout.dealer)
+    if validator:
+        _ensure_validator_keys(layout)
 
     _distribute(layout)
-    for node in layout.nodes():
-        write_node_config(node, num_nodes, data_root)
+    for node in layout.supernodes():
+        write_node_config(node, layout.num_partitions(node), data_root)
     for folder in (layout.runs_dir, layout.logs_dir, layout.flwr_home):
         folder.mkdir(parents=True, exist_ok=True)
     return layout
@@ -226,6 +270,19 @@ def _create_keys(layout: Layout, preset: str, hosts: list[str] | None) -> None:
         pki.init_node_auth_keys(dealer, layout.num_nodes)
     (dealer / NODE_COUNT_FILE).write_text(f"{layout.num_nodes}\n", encoding="utf-8")
     logger.info("Keys for %d nodes created in %s", layout.num_nodes, dealer)
+
+
+def _ensure_validator_keys(layout: Layout) -> None:
+    """Create the validator's signing and authentication keys in the dealer folder unless they exist."""
+    dealer = layout.dealer
+    validator_id = layout.num_nodes
+    signing_key = signing_keys.node_key_dir(dealer / signing_keys.SIGNING_DIR, validator_id) / signing_keys.PRIVATE_KEY_FILENAME
+    if not signing_key.exists():
+        init_validator_signing_key(dealer, validator_id)
+    auth_dir = pki.node_auth_dir(dealer, validator_id)
+    if layout.tls and not (auth_dir / pki.AUTH_PRIVATE_KEY).exists():
+        pki.write_auth_key_pair(auth_dir)
+        logger.info("SuperNode authentication key of the validator (node %d) written to %s", validator_id, auth_dir)
 
 
 def _check_existing(layout: Layout, preset: str) -> None:
@@ -269,7 +326,7 @@ def _distribute(layout: Layout) -> None:
         for name in (pki.CA_CERT, pki.SERVER_CERT, pki.SERVER_KEY):
             _copy(tls / name, layout.superlink_tls / name)
 
-    for node in layout.nodes():
+    for node in layout.supernodes():
         signing_dir = signing_keys.node_key_dir(dealer / signing_keys.SIGNING_DIR, node.partition_id)
         _copy(signing_dir / signing_keys.PRIVATE_KEY_FILENAME, node.signing_key)
         _copy(dealer / NODE_DIR, node.ckks_dir)
@@ -282,16 +339,17 @@ def _distribute(layout: Layout) -> None:
         node.root.chmod(0o700)
 
 
-def write_node_config(node: NodeFiles, num_nodes: int, data_root: Path | None = None) -> Path:
-    """Write the site's ``--node-config`` TOML file; return its path.
+def write_node_config(node: NodeFiles, num_partitions: int, data_root: Path | None = None) -> Path:
+    """Write the SuperNode's ``--node-config`` TOML file; return its path.
 
     The keys are the ones ``clients.app`` reads: ``partition-id``,
-    ``num-partitions``, ``data-root`` (omitted: the task's data root),
-    ``signing-key``, ``ckks-secret-dir`` and ``state-dir``.
+    ``num-partitions`` (the sites, plus one on the validator),
+    ``data-root`` (omitted: the task's data root), ``signing-key``,
+    ``ckks-secret-dir`` and ``state-dir``.
     """
     entries = {
         "partition-id": node.partition_id,
-        "num-partitions": num_nodes,
+        "num-partitions": num_partitions,
         "signing-key": str(node.signing_key),
         "ckks-secret-dir": str(node.ckks_dir),
         "state-dir": str(node.state_dir),

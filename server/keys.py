@@ -169,8 +169,6 @@ def init_signing_keys(
     try:
         nodes = []
         for node_id in node_ids:
-            key = signing.generate_private_key()
-            signing.save_key_pair(key, folders[node_id], overwrite=overwrite)
             if node_id == num_nodes:
                 label = VALIDATOR_ORGANISATION
             elif len(labels) == num_nodes:
@@ -179,8 +177,40 @@ def init_signing_keys(
                 label = labels[0]
             else:
                 label = f"site-{node_id}"
-            nodes.append(registry.register(node_id, signing.public_key_hex(key), label, replace=overwrite))
+            nodes.append(_create_and_register(registry, folders[node_id], node_id, label, overwrite))
     finally:
         registry.close()
     logger.info("Signing keys for %d nodes%s written to %s", num_nodes, " and the validator" if validator else "", out_dir / signing.SIGNING_DIR)
     return nodes
+
+
+def _create_and_register(registry: NodeRegistry, folder: Path, node_id: int, label: str, overwrite: bool) -> NodeInfo:
+    key = signing.generate_private_key()
+    signing.save_key_pair(key, folder, overwrite=overwrite)
+    return registry.register(node_id, signing.public_key_hex(key), label, replace=overwrite)
+
+
+def init_validator_signing_key(out_dir: Path, validator_id: int, registry_url: str | None = None) -> NodeInfo:
+    """Add the he_robust trust validator's Ed25519 key pair to an existing key folder and register it.
+
+    For a folder made without it; ``init_signing_keys(..., validator=True)``
+    makes it together with the nodes' keys.
+
+    Raises
+    ------
+    FileExistsError
+        If node ``validator_id`` already has a key there.
+    provenance.registry.RegistryError
+        If the registry cannot be opened or contains another key for that node.
+    """
+    out_dir = Path(out_dir)
+    folder = signing.node_key_dir(out_dir / signing.SIGNING_DIR, validator_id)
+    if (folder / signing.PRIVATE_KEY_FILENAME).exists():
+        raise FileExistsError(f"{folder / signing.PRIVATE_KEY_FILENAME} exists; the validator already has a signing key.")
+    registry = NodeRegistry(registry_url or sqlite_url(out_dir / DEFAULT_FILENAME))
+    try:
+        node = _create_and_register(registry, folder, validator_id, VALIDATOR_ORGANISATION, overwrite=False)
+    finally:
+        registry.close()
+    logger.info("Signing key of the validator (node %d) written to %s", validator_id, folder)
+    return node

@@ -19,6 +19,7 @@ from server.config import compose_config, task_spec
 from server.federation import robustness_spec
 from server.model_store import read_batch
 from server.simulation import run_in_simulation
+from strategies.signatures import verify_audit_signatures
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +49,11 @@ def test_trust_run_beats_initial_model(tmp_path: Path, data_root: Path) -> None:
     assert abs(_mean_primary(scenario, spec, final) - after) <= 1e-6
 
     assert verify_chain(tmp_path / "audit.jsonl").ok
+    # The validator signed its reference with its own key and the server accepted it each round.
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert sorted(entry["round"] for entry in audit if entry["event"] == "reference_accepted") == [1, 2]
+    assert not [entry for entry in audit if entry["event"] == "reference_rejected"]
+    assert verify_audit_signatures(tmp_path / "audit.jsonl").ok
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     events = [r for r in records if r["phase"] == "he_robust"]
     assert sorted({r["round"] for r in events if r["event"] == "reference"}) == [1, 2]
