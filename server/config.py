@@ -153,7 +153,10 @@ def validate_he_robust(cfg: DictConfig) -> None:
         raise ConfigError(f"Invalid setting strategy.norm_bound={strategy.norm_bound}: {error}") from None
 
     per_round = training_nodes_per_round(cfg)
-    size, faulty = int(strategy.committee_size), int(strategy.max_faulty)
+    _validate_fixed_committee(cfg)
+    partitions = strategy.get("committee_partitions")
+    size = len(partitions) if partitions else int(strategy.committee_size)
+    faulty = int(strategy.max_faulty)
     if not 1 <= size <= per_round:
         raise ConfigError(
             f"Invalid setting strategy.committee_size={size}: the committee is drawn from the {per_round} nodes that "
@@ -176,6 +179,26 @@ def validate_he_robust(cfg: DictConfig) -> None:
             check_krum(per_round, max_krum_malicious(per_round) if f is None else int(f), f"he_robust strategy.rule={rule}")
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+
+def _validate_fixed_committee(cfg: DictConfig) -> None:
+    """Check ``strategy.committee_partitions``: distinct training partitions that train every round."""
+    partitions = cfg.strategy.get("committee_partitions")
+    if partitions is None:
+        return
+    nodes = int(cfg.nodes)
+    values = list(partitions) if not isinstance(partitions, (str, int)) else None
+    if not values or not all(isinstance(p, int) and 0 <= p < nodes for p in values) or len(set(values)) != len(values):
+        raise ConfigError(
+            f"Invalid setting strategy.committee_partitions={partitions}: give distinct partition ids of training nodes, "
+            f"each in [0, {nodes - 1}], e.g. `strategy.committee_partitions=[0,1,2]`, or null for a draw per round."
+        )
+    if float(cfg.train.fraction) < 1.0:
+        raise ConfigError(
+            f"Invalid setting strategy.committee_partitions={list(values)} with train.fraction={cfg.train.fraction}: a fixed member "
+            "decrypts only for rounds it trains in, so every node must train each round. Set train.fraction=1.0 or "
+            "strategy.committee_partitions=null."
+        )
 
 
 def config_hash(cfg: DictConfig) -> str:

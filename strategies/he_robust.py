@@ -95,12 +95,17 @@ class CommitteeSettings:
         Seed of the per-round draw.
     timeout : float, default 600.0
         Seconds to wait for the members' replies.
+    partitions : tuple of int, optional
+        A fixed committee, by partition id, in place of the per-round draw
+        (``size`` is then its length). Every member must train in each
+        round, because a member decrypts only for rounds it has seen.
     """
 
     size: int = 3
     max_faulty: int = 1
     seed: int = 0
     timeout: float = 600.0
+    partitions: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.max_faulty < 0 or self.size < 2 * self.max_faulty + 1:
@@ -386,13 +391,31 @@ class EncryptedRobust(FedAvg):
             updates.append(update)
         return candidates, updates
 
+    def _committee(self, server_round: int, candidates: list[Message]) -> list[int]:
+        """Return the Flower node ids of this round's committee: the fixed partitions, or a seeded draw.
+
+        Raises
+        ------
+        CommitteeError
+            If a fixed member sent no usable update this round, so it has not seen the round.
+        """
+        node_ids = [m.metadata.src_node_id for m in candidates]
+        if self.committee.partitions is None:
+            return select_committee(node_ids, min(self.committee.size, len(candidates)), server_round, seed=self.committee.seed)
+
+        by_partition = {partition_of(m): m.metadata.src_node_id for m in candidates}
+        missing = sorted(set(self.committee.partitions) - set(by_partition))
+        if missing:
+            raise CommitteeError(f"committee members {missing} (partition ids) sent no usable update in round {server_round}, so they cannot decrypt for it")
+        return [by_partition[partition] for partition in self.committee.partitions]
+
     def _decide(self, server_round: int, candidates: list[Message], updates: list[ScoringUpdate], examples: np.ndarray) -> encrypted_rules.RuleDecision:
         """Compute, decrypt through the committee, and apply the rule."""
         rule = self.rule
         reference, reference_norm = self._reference(server_round, examples) if rule.rule == "trust" else (None, 0.0)
         requests = build_round_requests(self.public_context, updates, reference, distances=rule.rule in ("krum", "multikrum"))
 
-        members = select_committee([m.metadata.src_node_id for m in candidates], min(self.committee.size, len(candidates)), server_round, seed=self.committee.seed)
+        members = self._committee(server_round, candidates)
         decryptor = CommitteeDecryptor(self._grid, size=len(members), max_faulty=self.committee.max_faulty, timeout=self.committee.timeout, members=members, task=self.task)
         scores = decrypt_scores(decryptor, server_round, len(updates), requests)
         self._report(server_round, "committee", None, members=members, scalars=len(requests))

@@ -393,3 +393,38 @@ def test_encrypted_sign_flip_caught_by_krum(public, secret, key_dir, tmp_path, u
     assert arrays is not None
     rejected = {fields["partition"] for fields in audit.events("update_rejected")}
     assert 0 in rejected
+
+
+def test_fixed_committee_by_partition(public, secret, key_dir, tmp_path, updates, uploads, monkeypatch) -> None:
+    grid = FederationGrid(key_dir, tmp_path, secret)
+    original = committee.decrypt_scalar
+
+    def counting(context, scalar, **kwargs):
+        grid.decryptions[grid.current_node] += 1
+        return original(context, scalar, **kwargs)
+
+    monkeypatch.setattr(committee, "decrypt_scalar", counting)
+    strategy = make_strategy(public, RuleSettings(rule="norm_bound"))
+    strategy.committee = CommitteeSettings(size=3, max_faulty=1, seed=7, partitions=(0, 2, 4))
+
+    arrays, _ = run_round(strategy, grid, 1, replies_for(uploads))
+
+    assert arrays is not None
+    assert sorted(grid.decryptions) == sorted(NODE_IDS[i] for i in (0, 2, 4))
+
+
+def test_fixed_member_without_update_skips_round(public, secret, key_dir, tmp_path, uploads) -> None:
+    audit = Audit()
+    grid = FederationGrid(key_dir, tmp_path, secret)
+    strategy = make_strategy(public, RuleSettings(rule="norm_bound"), audit=audit)
+    strategy.committee = CommitteeSettings(size=3, max_faulty=1, seed=7, partitions=(0, 2, 4))
+    replies = [reply for reply in replies_for(uploads) if reply.metadata.src_node_id != NODE_IDS[4]]
+
+    arrays, _ = run_round(strategy, grid, 1, replies)
+
+    assert arrays is None
+    assert strategy.drift is None
+    assert grid.decryptions == Counter()
+    skipped = audit.events("he_robust_round_skipped")
+    assert len(skipped) == 1
+    assert "committee members [4] (partition ids) sent no usable update in round 1" in skipped[0]["reason"]

@@ -114,3 +114,25 @@ def test_deploy_layout_copies_scoring_secret(tmp_path: Path) -> None:
     for node in layout.nodes():
         secret_file = node.ckks_dir / scoring.SCORING_SECRET_CONTEXT_FILENAME
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("strategy.committee_partitions=[0,0,1]", "give distinct partition ids"),
+        ("strategy.committee_partitions=[0,1,5]", r"each in \[0, 4\]"),
+        ("strategy.committee_partitions=[0]", "strategy.max_faulty=1 with strategy.committee_size=1"),
+    ],
+)
+def test_bad_fixed_committee_named(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config(he_robust(override))
+
+
+def test_fixed_committee_needs_every_node_training() -> None:
+    with pytest.raises(ConfigError, match="Set train.fraction=1.0"):
+        validate_config(he_robust("strategy.committee_partitions=[0,1,2]", "train.fraction=0.6"))
+
+
+def test_fixed_committee_accepted() -> None:
+    validate_config(he_robust("strategy.committee_partitions=[0,2,4]"))
