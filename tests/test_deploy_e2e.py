@@ -112,6 +112,49 @@ def test_deploy_local_tls_encrypted(tmp_path: Path, data_root: Path) -> None:
 
 
 @pytest.mark.e2e
+def test_deploy_local_he_robust_trust_validator(tmp_path: Path, data_root: Path) -> None:
+    state = tmp_path / "state"
+    overrides = ["strategy=he_robust", "strategy.rule=trust", "rounds=2", "data.holdout=200"]
+    process = _deploy(state, data_root, ["--nodes", "3", "--timeout", "480", "--", *overrides], 600)
+    try:
+        output, _ = process.communicate(timeout=600)
+        leftovers = lingering_processes(state)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=90)
+        pytest.fail(f"fedseal deploy local did not finish in 600 s:\n{output[-4000:]}")
+    finally:
+        stop_pids(processes_using(state))
+
+    assert process.returncode == 0, output[-6000:]
+    assert leftovers == {}
+    # Three sites and the validator authenticated with registered keys.
+    superlink_log = (state / "logs" / "superlink.log").read_text()
+    assert superlink_log.count("[Fleet.ActivateNode] Activated node_id=") == 4
+    run_dir = Path(json.loads((state / "last-run.json").read_text())["run_dir"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["strategy"] == "he_robust"
+    assert summary["federated"]["global"]["roc_auc"] > 0.9
+
+    # The validator's signed reference was checked each round, and only sites' updates were summed.
+    verified = subprocess.run([*FEDSEAL, "audit", "verify", str(run_dir)], capture_output=True, text=True, timeout=120, check=False)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    entries = audit_entries(run_dir)
+    references = [entry for entry in entries if entry["event"] == "reference_accepted"]
+    assert [(entry["round"], entry["partition"]) for entry in references] == [(1, 3), (2, 3)]
+    signed = [entry for entry in entries if entry["event"] == "update_accepted" and entry.get("check") == "signature"]
+    assert sorted({entry["partition"] for entry in signed}) == [0, 1, 2]
+    assert not [entry for entry in entries if entry["event"] in ("update_rejected", "reference_rejected", "he_robust_round_skipped")]
+
+    # The server holds no scoring secret; a site's key decrypts the final model.
+    server_files = {path.name for path in [*(state / "server").rglob("*"), *(state / "superlink").rglob("*")]}
+    assert not [name for name in server_files if "secret" in name]
+    final_path = tmp_path / "final.pt"
+    assert fedseal(["models", "decrypt", str(run_dir), "--secret-dir", str(state / "nodes" / "node-0" / "keys" / "ckks"), "--out", str(final_path)]) == 0
+    assert _pooled_roc_auc(torch.load(final_path), data_root) > 0.9
+
+
+@pytest.mark.e2e
 def test_deploy_interrupt_stops_everything(tmp_path: Path, data_root: Path) -> None:
     state = tmp_path / "state"
     process = _deploy(state, data_root, ["--nodes", "2", "--timeout", "300", "--", "rounds=1"], 300)
