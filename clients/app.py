@@ -215,9 +215,10 @@ def _train_reference(msg: Message, context: Context, spec: TaskSpec, partition_i
     logger.info("Validator (partition %d) trained the round %d reference: norm %.4g in %.2f s", partition_id, server_round, norm, seconds)
 
     metrics = MetricRecord({robust.REFERENCE_NORM_KEY: norm, TRAIN_SECONDS_KEY: seconds})
-    content = RecordDict({METRICS_KEY: metrics, UPDATE_RECORD: ConfigRecord({BATCH_KEY: [data]}), NODE_KEY: ConfigRecord({"partition-id": partition_id})})
-    # Signed as a training reply is, over the encrypted reference; the server checks it before scoring with it.
-    # NOTE: as for training replies, the signature does not cover the metrics, so reference-norm relies on TLS alone.
+    batch = robust.reference_batch(data, norm)
+    content = RecordDict({METRICS_KEY: metrics, UPDATE_RECORD: ConfigRecord({BATCH_KEY: batch}), NODE_KEY: ConfigRecord({"partition-id": partition_id})})
+    # Signed as a training reply is. The payload hash covers both the encrypted reference and ||r||,
+    # and the server checks the signature before scoring with them.
     signing.sign_train_reply(content, msg.content, dict(context.node_config), spec.provenance, partition_id, server_round)
     return Message(content=content, reply_to=msg)
 

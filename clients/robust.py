@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import struct
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,35 @@ ROLE_VALIDATOR = "validator"
 NODE_EXAMPLES_KEY = "he-node-examples"
 REFERENCE_NORM_KEY = "reference-norm"
 VALIDATOR_METRIC = "validator"
+# ||r|| travels inside the signed payload as one little-endian float64 after the ciphertext.
+_NORM_FORMAT = struct.Struct("<d")
+
+
+def reference_batch(data: bytes, norm: float) -> list[bytes]:
+    """Return the validator's upload: the encrypted reference, then ``||r||`` as 8 bytes.
+
+    Both parts are in the batch that the payload hash, and so the
+    validator's signature, covers.
+    """
+    return [data, _NORM_FORMAT.pack(float(norm))]
+
+
+def parse_reference_batch(batch: list[bytes]) -> tuple[bytes, float]:
+    """Return (encrypted reference, ``||r||``) from a validator upload.
+
+    Raises
+    ------
+    ValueError
+        If the batch is not two byte strings, the second of 8 bytes, or the norm is not finite and positive.
+    """
+    if not isinstance(batch, list) or len(batch) != 2 or not all(isinstance(part, bytes) for part in batch):
+        raise ValueError("a reference upload must be [encrypted reference, 8-byte norm]")
+    if len(batch[1]) != _NORM_FORMAT.size:
+        raise ValueError(f"the reference norm part has {len(batch[1])} bytes, not {_NORM_FORMAT.size}")
+    (norm,) = _NORM_FORMAT.unpack(batch[1])
+    if not math.isfinite(norm) or norm <= 0.0:
+        raise ValueError(f"the reference norm {norm!r} is not a finite positive number")
+    return batch[0], norm
 
 
 class ScoringBoundError(ValueError):

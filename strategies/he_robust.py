@@ -452,10 +452,10 @@ class EncryptedRobust(FedAvg):
         self._verify_reference(server_round, validator, message, replies[0])
         content = replies[0].content
         try:
-            data = content.config_records[UPDATE_RECORD][BATCH_KEY][0]
-            norm = float(next(iter(content.metric_records.values()))[node_keys.REFERENCE_NORM_KEY])
-        except (KeyError, IndexError, StopIteration, TypeError) as error:
-            raise ValueError(f"validator node {validator} sent a malformed reference reply: missing {error}") from error
+            # The norm comes from the signed upload, not from the unsigned metrics.
+            data, norm = node_keys.parse_reference_batch(list(content.config_records[UPDATE_RECORD][BATCH_KEY]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"validator node {validator} sent a malformed reference reply: {error}") from error
         reference = ScoringUpdate.from_bytes(self.public_context, bytes(data), self.num_parameters)
         logger.info("aggregate_train: round %d, validator node %d sent a reference of norm %.6g", server_round, validator, norm)
         self._report(server_round, "reference", None, node_id=validator, reference_norm=norm, digest=hashlib.sha256(bytes(data)).hexdigest())

@@ -85,7 +85,7 @@ class FederationGrid:
         if message.metadata.message_type == "train" and node_id == VALIDATOR:
             data = scoring.encrypt_for_scoring(self.secret, self.reference)
             metrics = MetricRecord({node_keys.REFERENCE_NORM_KEY: float(np.linalg.norm(self.reference))})
-            return Message(content=RecordDict({"metrics": metrics, UPDATE_RECORD: ConfigRecord({BATCH_KEY: [data]})}), reply_to=incoming)
+            return Message(content=RecordDict({"metrics": metrics, UPDATE_RECORD: ConfigRecord({BATCH_KEY: node_keys.reference_batch(data, float(np.linalg.norm(self.reference)))})}), reply_to=incoming)
 
         context = Context(run_id=1, node_id=node_id, node_config=self.node_config(node_id), state=RecordDict(), run_config={})
         self.current_node = node_id

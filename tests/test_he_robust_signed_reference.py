@@ -44,11 +44,12 @@ class ValidatorGrid(FederationGrid):
     later round.
     """
 
-    def __init__(self, *args, signing_key: Path | None, partition: int = VALIDATOR_PARTITION, replay: bool = False, **kwargs) -> None:
+    def __init__(self, *args, signing_key: Path | None, partition: int = VALIDATOR_PARTITION, replay: bool = False, forged_norm: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.signing_key = signing_key
         self.partition = partition
         self.replay = replay
+        self.forged_norm = forged_norm
         self.first_reply: Message | None = None
 
     def _deliver(self, message: Message) -> Message:
@@ -62,13 +63,16 @@ class ValidatorGrid(FederationGrid):
         content = RecordDict(
             {
                 "metrics": MetricRecord({node_keys.REFERENCE_NORM_KEY: float(np.linalg.norm(self.reference))}),
-                UPDATE_RECORD: ConfigRecord({BATCH_KEY: [data]}),
+                UPDATE_RECORD: ConfigRecord({BATCH_KEY: node_keys.reference_batch(data, float(np.linalg.norm(self.reference)))}),
                 "node": ConfigRecord({"partition-id": self.partition}),
             }
         )
         if self.signing_key is not None:
             server_round = int(message.content["config"]["server-round"])
             sign_train_reply(content, message.content, {SIGNING_KEY_CONFIG: str(self.signing_key)}, {"run_id": RUN_ID}, self.partition, server_round)
+        if self.forged_norm is not None:
+            # Changed in transit, after the validator signed.
+            content[UPDATE_RECORD][BATCH_KEY] = node_keys.reference_batch(data, self.forged_norm)
         reply = Message(content=content, reply_to=incoming)
         self.first_reply = self.first_reply or reply
         return reply
@@ -331,3 +335,30 @@ def test_keys_init_validator_needs_nodes(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 2
     assert "--validator needs --nodes N" in capsys.readouterr().err
     assert not (tmp_path / "keys").exists()
+
+
+def test_norm_changed_after_signing_skips_round(public, secret, key_dir, tmp_path, updates, uploads, registry) -> None:
+    audit = Audit()
+    strategy = _setup(public, registry, audit)
+    grid = _grid(key_dir, tmp_path, secret, updates, signing_key=_key(tmp_path, VALIDATOR_PARTITION), forged_norm=1e-3)
+
+    arrays, _ = run_round(strategy, grid, 1, replies_for(uploads))
+
+    _assert_round_skipped(strategy, audit, arrays, "payload altered after signing")
+
+
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        ([b"ct"], "must be \\[encrypted reference, 8-byte norm\\]"),
+        ([b"ct", b"1234"], "has 4 bytes, not 8"),
+        ([b"ct", node_keys.reference_batch(b"", -1.0)[1]], "not a finite positive number"),
+    ],
+)
+def test_malformed_reference_batch(batch, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        node_keys.parse_reference_batch(batch)
+
+
+def test_reference_batch_round_trip() -> None:
+    assert node_keys.parse_reference_batch(node_keys.reference_batch(b"ct", 2.5)) == (b"ct", 2.5)
