@@ -74,25 +74,43 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_init_problem(args: argparse.Namespace) -> str | None:
+    """Return why the options of ``fedseal keys init`` cannot work, before any key is written, or None."""
+    from deploy.keys_cli import check_tls_arguments
+
+    if args.nodes < 0:
+        return f"--nodes {args.nodes} is negative; pass the number of training nodes, e.g. --nodes 3, or leave it out."
+    if args.validator and not args.nodes:
+        return "--validator needs --nodes N; the validator's signing key is node N, after the training nodes."
+    if args.org and args.nodes and len(args.org) not in (1, args.nodes):
+        return f"--org was given {len(args.org)} times for {args.nodes} nodes; give it once for all nodes or once per node."
+    return check_tls_arguments(args)
+
+
+def _read_fingerprint(out: Path) -> str:
+    path = out / "fingerprint.txt"
+    return path.read_text(encoding="utf-8").strip() if path.exists() else "(unknown: no fingerprint.txt)"
+
+
 def _keys_init(args: argparse.Namespace) -> int:
     """Create the CKKS material of a federation, then signing keys and TLS material if requested."""
-    from deploy.keys_cli import check_tls_arguments
+    from crypto.ckks import SECRET_CONTEXT_FILENAME
     from server.keys import NODE_DIR, SERVER_DIR, init_ckks_keys, init_scoring_keys
 
-    problem = check_tls_arguments(args)
-    if args.validator and not args.nodes:
-        problem = "--validator needs --nodes N; the validator's signing key is node N, after the training nodes."
+    problem = _keys_init_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    out = Path(args.out)
+    # --scoring on a folder that already has the aggregation key adds the scoring key and keeps the rest.
+    keep_ckks = args.scoring and not args.overwrite and (out / NODE_DIR / SECRET_CONTEXT_FILENAME).exists()
     try:
-        fingerprint = init_ckks_keys(Path(args.out), args.preset, overwrite=args.overwrite)
-        scoring_fingerprint = init_scoring_keys(Path(args.out), args.scoring_preset, overwrite=args.overwrite) if args.scoring else None
+        fingerprint = _read_fingerprint(out) if keep_ckks else init_ckks_keys(out, args.preset, overwrite=args.overwrite)
+        scoring_fingerprint = init_scoring_keys(out, args.scoring_preset, overwrite=args.overwrite) if args.scoring else None
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    print(f"CKKS preset {args.preset}, fingerprint {fingerprint}")
+    print(f"CKKS {'keys kept' if keep_ckks else f'preset {args.preset}'}, fingerprint {fingerprint}")
     if scoring_fingerprint is not None:
         print(f"Scoring preset {args.scoring_preset} (strategy=he_robust), fingerprint {scoring_fingerprint}")
     print(f"  server (public context only): {out / SERVER_DIR}")

@@ -112,6 +112,30 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"Invalid setting {key}={value}: it must be {allowed}. Override it, e.g. `{key}=...`.")
     if str(cfg.strategy.name) == "he_robust":
         validate_he_robust(cfg)
+    _validate_keys_dir(cfg)
+
+
+def _validate_keys_dir(cfg: DictConfig) -> None:
+    """Check that a user-supplied ``security.keys_dir`` contains the public context the strategy loads."""
+    keys_dir = cfg.get("security", {}).get("keys_dir") if cfg.get("security") is not None else None
+    if not keys_dir or not cfg.strategy.get("encrypted", False):
+        return
+    if str(cfg.strategy.name) == "he_robust":
+        from crypto.ckks.scoring.context import (
+            SCORING_PUBLIC_CONTEXT_FILENAME as filename,
+        )
+
+        command = f"fedseal keys init --out {keys_dir} --scoring"
+    else:
+        from crypto.ckks.context import PUBLIC_CONTEXT_FILENAME as filename
+
+        command = f"fedseal keys init --out {keys_dir}"
+    path = Path(str(keys_dir)) / "server" / filename
+    if not path.is_file():
+        raise ConfigError(
+            f"Invalid setting security.keys_dir={keys_dir}: {path} is missing, so strategy={cfg.strategy.name} has no public "
+            f"context to load. Create it with `{command}` (add --overwrite only to replace existing keys), or set security.keys_dir=null."
+        )
 
 
 def uses_validator(cfg: DictConfig) -> bool:
@@ -162,7 +186,9 @@ def validate_he_robust(cfg: DictConfig) -> None:
             f"Invalid setting strategy.committee_size={size}: the committee is drawn from the {per_round} nodes that "
             f"train per round, so it must be between 1 and {per_round}. Lower strategy.committee_size or raise nodes."
         )
-    if faulty < 0 or size < 2 * faulty + 1:
+    if faulty < 0:
+        raise ConfigError(f"Invalid setting strategy.max_faulty={faulty}: it must be an integer >= 0, e.g. `strategy.max_faulty=1`.")
+    if size < 2 * faulty + 1:
         raise ConfigError(
             f"Invalid setting strategy.max_faulty={faulty} with strategy.committee_size={size}: outvoting f faulty members "
             f"needs at least 2f+1 = {2 * faulty + 1} members. Lower strategy.max_faulty to at most {(size - 1) // 2} or raise strategy.committee_size."
@@ -171,14 +197,62 @@ def validate_he_robust(cfg: DictConfig) -> None:
         raise ConfigError(f"Invalid setting strategy.norm_mode={strategy.norm_mode}: use one of {', '.join(NORM_MODES)}.")
     if not float(strategy.norm_multiple) > 0:
         raise ConfigError(f"Invalid setting strategy.norm_multiple={strategy.norm_multiple}: it must be > 0, e.g. `strategy.norm_multiple=3`.")
+    _check_optional_int(strategy, "committee_seed", minimum=None)
     if rule in ("krum", "multikrum"):
-        from strategies.robust import check_krum, max_krum_malicious
+        _validate_he_krum(strategy, rule, per_round)
+    if rule == "trust":
+        _validate_he_trust(cfg)
 
-        f = strategy.get("num_malicious")
-        try:
-            check_krum(per_round, max_krum_malicious(per_round) if f is None else int(f), f"he_robust strategy.rule={rule}")
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+
+def _check_optional_int(strategy: DictConfig, key: str, minimum: int | None) -> int | None:
+    """Return ``strategy[key]`` as an int or None; raise ConfigError for anything else or a value below ``minimum``."""
+    value = strategy.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ConfigError(f"Invalid setting strategy.{key}={value}: it must be null or {allowed}, e.g. `strategy.{key}=null`.")
+    return value
+
+
+def _validate_he_krum(strategy: DictConfig, rule: str, per_round: int) -> None:
+    """Check f and, for Multi-Krum, the number of averaged updates against the nodes per round."""
+    from strategies.robust import check_krum, max_krum_malicious
+
+    f = _check_optional_int(strategy, "num_malicious", minimum=0)
+    f = max_krum_malicious(per_round) if f is None else f
+    try:
+        check_krum(per_round, f, f"he_robust strategy.rule={rule}")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    selected = _check_optional_int(strategy, "num_selected", minimum=1)
+    if rule == "multikrum" and selected is not None and selected > per_round - f:
+        raise ConfigError(
+            f"Invalid setting strategy.num_selected={selected}: Multi-Krum averages at most n - f = {per_round - f} of the "
+            f"{per_round} updates per round (f={f}). Lower it, or set strategy.num_selected=null for n - f."
+        )
+
+
+def _validate_he_trust(cfg: DictConfig) -> None:
+    """Check the validator's root rows, its epochs and the reputation settings of the trust rule."""
+    from strategies.reputation import ReputationSettings
+
+    strategy = cfg.strategy
+    root_size = strategy.get("root_size")
+    if isinstance(root_size, bool) or not isinstance(root_size, int) or root_size < 1:
+        raise ConfigError(f"Invalid setting strategy.root_size={root_size}: the validator trains on that many held-out rows, so it must be an integer >= 1, e.g. `strategy.root_size=200`.")
+    holdout = int(cfg.data.get("holdout") or 0)
+    if holdout not in (0, root_size):
+        raise ConfigError(
+            f"Invalid setting data.holdout={holdout} with strategy.root_size={root_size}: the validator's root rows are the "
+            f"holdout, so set data.holdout={root_size} or data.holdout=0 (which follows strategy.root_size)."
+        )
+    _check_optional_int(strategy, "reference_epochs", minimum=1)
+    fields = {key: strategy[key] for key in ReputationSettings.__dataclass_fields__ if key in strategy}
+    try:
+        ReputationSettings(**fields)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
 
 
 def _validate_fixed_committee(cfg: DictConfig) -> None:

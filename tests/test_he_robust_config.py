@@ -136,3 +136,55 @@ def test_fixed_committee_needs_every_node_training() -> None:
 
 def test_fixed_committee_accepted() -> None:
     validate_config(he_robust("strategy.committee_partitions=[0,2,4]"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["strategy.rule=trust", "strategy.root_size=0"], "strategy.root_size=0: the validator trains on that many held-out rows"),
+        (["strategy.rule=trust", "strategy.reference_epochs=0"], "strategy.reference_epochs=0: it must be null or an integer >= 1"),
+        (["strategy.rule=trust", "data.holdout=100"], "data.holdout=100 with strategy.root_size=200"),
+        (["strategy.rule=trust", "strategy.decay=2"], r"strategy.decay=2: it must be in \[0, 1\)"),
+        (["strategy.committee_seed=abc"], "strategy.committee_seed=abc: it must be null or an integer"),
+        (["strategy.max_faulty=-1"], "strategy.max_faulty=-1: it must be an integer >= 0"),
+        (["strategy.rule=multikrum", "strategy.num_selected=10"], "Multi-Krum averages at most n - f = 4 of the 5 updates"),
+        (["strategy.rule=multikrum", "strategy.num_selected=0"], "strategy.num_selected=0: it must be null or an integer >= 1"),
+        (["strategy.rule=krum", "strategy.num_malicious=-1"], "strategy.num_malicious=-1: it must be null or an integer >= 0"),
+    ],
+)
+def test_bad_rule_setting_named(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config(he_robust(*overrides))
+
+
+def test_keys_dir_without_scoring_key_named(tmp_path: Path) -> None:
+    from server.cli import main
+
+    assert main(["keys", "init", "--out", str(tmp_path)]) == 0
+
+    with pytest.raises(ConfigError, match=f"Create it with `fedseal keys init --out {tmp_path} --scoring`"):
+        validate_config(he_robust(f"security.keys_dir={tmp_path}"))
+
+
+def test_scoring_flag_keeps_existing_aggregation_key(tmp_path: Path) -> None:
+    from server.cli import main
+
+    assert main(["keys", "init", "--out", str(tmp_path)]) == 0
+    before = (tmp_path / NODE_DIR / "ckks_secret_context.bin").read_bytes()
+
+    assert main(["keys", "init", "--out", str(tmp_path), "--scoring"]) == 0
+
+    assert (tmp_path / NODE_DIR / "ckks_secret_context.bin").read_bytes() == before
+    assert (tmp_path / SERVER_DIR / scoring.SCORING_PUBLIC_CONTEXT_FILENAME).exists()
+    validate_config(he_robust(f"security.keys_dir={tmp_path}"))
+
+
+def test_keys_init_negative_nodes_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from server.cli import main
+
+    out = tmp_path / "keys"
+
+    assert main(["keys", "init", "--out", str(out), "--nodes", "-2"]) == 2
+
+    assert "--nodes -2 is negative" in capsys.readouterr().err
+    assert not out.exists()

@@ -208,10 +208,13 @@ def test_cli_keys_init_registers_nodes(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_cli_keys_init_label_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = cli_main(["keys", "init", "--out", str(tmp_path), "--nodes", "3", "--org", "a", "--org", "b"])
+    out = tmp_path / "keys"
+    code = cli_main(["keys", "init", "--out", str(out), "--nodes", "3", "--org", "a", "--org", "b"])
 
-    assert code == 1
-    assert "Got 2 --org labels for 3 nodes" in capsys.readouterr().err
+    # Checked before any key is written, so a corrected rerun needs no --overwrite.
+    assert code == 2
+    assert "--org was given 2 times for 3 nodes" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_cli_list_and_revoke(registry_url: str, capsys: pytest.CaptureFixture) -> None:
