@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     if not os.environ.get("FEDSEAL_DATA_DIR"):
         logger.warning("FEDSEAL_DATA_DIR is not set; fedseal-train looks in its default data folder")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="provenance_runtime_"))
+    # fedseal-train appends to an existing run folder, which would mix two runs' costs.
+    used = [workdir / f"nodes{n}_{label}" for n in args.nodes for label in ("on", "off") if (workdir / f"nodes{n}_{label}").exists()]
+    if used:
+        raise SystemExit(f"error: {used[0]} exists from an earlier run; pass an empty --workdir or remove it.")
     workdir.mkdir(parents=True, exist_ok=True)
 
     load_start = os.getloadavg()

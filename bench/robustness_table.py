@@ -17,7 +17,7 @@ in points (hundredths), and the largest gap.
 
     python bench/robustness_table.py multirun/2026-12-05/00-00-00 --out table.md
     python bench/robustness_table.py runs/ --per-round accuracy,train_loss
-    python bench/robustness_table.py runs/ --compare trust he_robust
+    python bench/robustness_table.py runs/ --compare trust he_robust/trust
 """
 
 from __future__ import annotations
@@ -90,6 +90,23 @@ def attack_label(attack: dict) -> str:
     return name
 
 
+def strategy_label(run_dir: Path, name: str) -> str:
+    """Return the table label of a run's strategy: its name, with the rule for ``he_robust`` (``he_robust/trust``).
+
+    The rule comes from the run's ``config.yaml``; a run without one keeps the bare name.
+    """
+    if name != "he_robust":
+        return name
+    config_path = run_dir / "config.yaml"
+    if not config_path.exists():
+        return name
+    import yaml
+
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    rule = (config.get("strategy") or {}).get("rule")
+    return f"{name}/{rule}" if rule else name
+
+
 def read_run(summary_path: Path) -> RunResult:
     """Read one run's summary and robustness events."""
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -99,7 +116,7 @@ def read_run(summary_path: Path) -> RunResult:
 
     result = RunResult(
         scenario=summary["scenario"],
-        strategy=summary["strategy"],
+        strategy=strategy_label(summary_path.parent, summary["strategy"]),
         attack=attack_label(attack),
         fraction=float(attack.get("fraction", 0.0))
         if attack["name"] != "none"
@@ -362,7 +379,7 @@ def render_comparison(runs: list[RunResult], base: str, other: str) -> str:
                 f"| attack | {base} | {other} | {other} - {base}, points |",
                 "|---|---:|---:|---:|",
             ]
-            gaps = []
+            gaps, attack_free = [], False
             for attack in attacks:
                 # Attack-free runs carry fraction 0.
                 key_fraction = 0.0 if attack == "none" else fraction
@@ -371,10 +388,12 @@ def render_comparison(runs: list[RunResult], base: str, other: str) -> str:
                 gap = 100 * (b - a)
                 if not math.isnan(gap):
                     gaps.append(gap)
+                    attack_free = attack_free or attack == "none"
                 lines.append(f"| {attack} | {_cell(a, None)} | {_cell(b, None)} | {gap:+.2f} |")
             if gaps:
                 worst = max(gaps, key=abs)
-                lines += ["", f"Largest gap: {worst:+.2f} points over {len(gaps)} attacks (none included)."]
+                counted = "the attack-free run included" if attack_free else "no attack-free pair"
+                lines += ["", f"Largest gap: {worst:+.2f} points over {len(gaps)} runs ({counted})."]
             lines.append("")
     return "\n".join(lines)
 
@@ -400,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "--compare",
         nargs=2,
         metavar=("BASE", "OTHER"),
-        help="write only the comparison of two strategies, e.g. --compare trust he_robust",
+        help="write only the comparison of two strategies, e.g. --compare trust he_robust/trust (he_robust runs are labelled with their rule)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -413,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
 
+    if args.compare:
+        names = {run.strategy for run in runs}
+        missing = [name for name in args.compare if name not in names]
+        if missing:
+            logger.error("No runs of %s under %s; strategies found: %s.", ", ".join(missing), ", ".join(map(str, args.folders)), ", ".join(sorted(names)))
+            return 1
     text = render_comparison(runs, *args.compare) if args.compare else render(runs)
     if args.per_round:
         text += "\n" + render_rounds(runs, [m for m in args.per_round.split(",") if m])

@@ -170,4 +170,24 @@ def test_compare_reports_gap_in_points(table, tmp_path: Path) -> None:
     assert "#### fraud: final roc_auc, trust against he_robust, malicious fraction 20%" in text
     assert "| none | 0.930 | 0.925 | -0.50 |" in text
     assert "| sign_flip | 0.931 | 0.901 | -3.00 |" in text
-    assert "Largest gap: -3.00 points over 2 attacks (none included)." in text
+    assert "Largest gap: -3.00 points over 2 runs (the attack-free run included)." in text
+
+
+def test_he_robust_runs_labelled_by_rule(table, tmp_path: Path) -> None:
+    _summary_run(tmp_path / "a", "he_robust", "sign_flip", 0.969)
+    _summary_run(tmp_path / "b", "he_robust", "sign_flip", 0.988)
+    (tmp_path / "a" / "config.yaml").write_text("strategy:\n  name: he_robust\n  rule: trust\n", encoding="utf-8")
+    (tmp_path / "b" / "config.yaml").write_text("strategy:\n  name: he_robust\n  rule: norm_bound\n", encoding="utf-8")
+
+    runs = {run.strategy: run.value for run in table.collect([tmp_path])}
+
+    assert runs == {"he_robust/trust": 0.969, "he_robust/norm_bound": 0.988}
+
+
+def test_compare_missing_strategy_fails(table, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _summary_run(tmp_path / "a", "trust", "sign_flip", 0.93)
+
+    code = table.main([str(tmp_path), "--compare", "trust", "fedavg"])
+
+    assert code == 1
+    assert "No runs of fedavg under" in caplog.text
