@@ -153,6 +153,8 @@ def bench_nodes(nodes: int, args: argparse.Namespace, workdir: Path) -> dict[str
         logger.info("%d nodes, signatures %s: running %d rounds in %s", nodes, label, args.rounds, run_dir)
         walls[label] = run_training(run_dir, nodes, args.rounds, args.hidden, signatures)
         rounds[label] = read_rounds(run_dir / "metrics.jsonl")
+        if label == "on" and not any(entry["sign_seconds"] for entry in rounds[label].values()):
+            raise SystemExit(f"error: no node sent a signed training reply in {run_dir}; see {run_dir / 'train.log'} (is FEDSEAL_DATA_DIR set?)")
         logger.info("%d nodes, signatures %s: done in %.1f s", nodes, label, walls[label])
 
     row = {"nodes": nodes, **summarize(rounds["on"], rounds["off"], args.concurrency)}
