@@ -43,6 +43,7 @@ from crypto.ckks.scoring import (
     read_scoring_secret_context,
 )
 from crypto.ckks.scoring.aggregate import EncryptedDrift, decrypt_drift
+from crypto.ckks.scoring.context import check_scoring_bound
 
 logger = logging.getLogger(__name__)
 
@@ -188,15 +189,26 @@ def encrypt_update(
     return encrypt_vector(secret, update, norm_bound)
 
 
+def largest_norm_bound(preset: Any) -> float:
+    """Return the largest ``strategy.norm_bound`` that ``preset`` accepts."""
+    # Any accepted bound returns the preset's limit; 1.0 is within every scoring preset's.
+    return check_scoring_bound(preset, 1.0)
+
+
 def encrypt_vector(secret: ScoringSecretContext, vector: np.ndarray, norm_bound: float) -> bytes:
     """Encrypt a flat vector for scoring, rejecting it when its norm exceeds `norm_bound`."""
+    norm = float(np.linalg.norm(vector))
+    if norm > norm_bound:
+        # Clipping here would change what the node trained without telling anyone, so the node refuses.
+        raise ScoringBoundError(
+            f"Update has L2 norm {norm:.6g}, above strategy.norm_bound={norm_bound:g}; this node does not clip. "
+            f"Raise strategy.norm_bound (at most {largest_norm_bound(secret.preset):g} for "
+            f"{secret.preset.name}) or lower train.lr."
+        )
     try:
         return encrypt_for_scoring(secret, vector, norm_bound=norm_bound)
     except PreflightError as error:
-        raise ScoringBoundError(
-            f"{error} This node does not clip: raise strategy.norm_bound (at most the scoring preset's limit) "
-            "or lower train.lr."
-        ) from error
+        raise ScoringBoundError(str(error)) from error
 
 
 def train_reference(spec: Any, state: OrderedDict[str, torch.Tensor], server_round: int, node_examples: list[float]) -> np.ndarray:

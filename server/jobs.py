@@ -67,8 +67,9 @@ def _is_user_error(error: BaseException) -> bool:
     """Tell whether ``error`` comes from a setting or data folder the user can fix, not from a bug."""
     from scenarios.datasets import DatasetError
     from server.config import ConfigError
+    from server.simulation import NoTrainingError
 
-    return isinstance(error, (ConfigError, DatasetError))
+    return isinstance(error, (ConfigError, DatasetError, NoTrainingError))
 
 
 def sweep_group(sweep_dir: Path) -> str:

@@ -69,7 +69,41 @@ def run_in_simulation(cfg: DictConfig, run_dir: Path) -> dict:
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"The simulation ended without writing {summary_path}; see the errors logged above.")
+    check_some_training(run_dir)
     return json.loads(summary_path.read_text(encoding="utf-8"))
+
+
+class NoTrainingError(RuntimeError):
+    """Every training reply of every round failed, so the final model is the initial one."""
+
+
+def check_some_training(run_dir: Path) -> None:
+    """Raise NoTrainingError when no node answered a training message in any round of the run.
+
+    Such a run still writes its outputs, but its model never changed, and a
+    zero exit status would hide that. The message gives the first failure
+    reason from ``metrics.jsonl``.
+    """
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.exists():
+        return
+    rounds = []
+    with open(metrics_path, encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record.get("phase") == "train" and record.get("scope") == "global" and "replied" in record:
+                rounds.append(record)
+    if not rounds or any(int(record["replied"]) > 0 for record in rounds):
+        return
+
+    failures = [reason for record in rounds for reason in record.get("failures", [])]
+    first = failures[0] if failures else "no node replied"
+    # Ray wraps the node's exception; its own message follows the last "Message: ".
+    first = first.rsplit("Message: ", 1)[-1].rstrip(">'\" ")[:400]
+    raise NoTrainingError(
+        f"No node trained in any of the {len(rounds)} rounds, so the final model is the initial one. "
+        f"First failure: {first} Details in {run_dir / 'train.log'}."
+    )
 
 
 def simulated_supernodes(cfg: DictConfig) -> int:

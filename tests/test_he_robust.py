@@ -349,8 +349,15 @@ def test_budget_bound_to_seen_round(public, secret, key_dir, tmp_path, uploads) 
 
 def test_oversized_update_rejected_on_node(secret) -> None:
     big = np.full(LENGTH, 1.0)
-    with pytest.raises(node_keys.ScoringBoundError, match="strategy.norm_bound"):
+    limit = node_keys.largest_norm_bound(secret.preset)
+
+    with pytest.raises(node_keys.ScoringBoundError) as raised:
         node_keys.encrypt_vector(secret, big, norm_bound=10.0)
+
+    message = str(raised.value)
+    assert f"Update has L2 norm {np.linalg.norm(big):.6g}, above strategy.norm_bound=10; this node does not clip." in message
+    assert f"(at most {limit:g} for scoring_8192)" in message
+    assert "clip it to the bound" not in message
 
 
 def test_state_round_trip(public, secret, key_dir, tmp_path, uploads) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,3 +34,33 @@ def test_missing_data_folder_one_line(tmp_path: Path) -> None:
     assert "None of the dataset files" in output
     assert "Set FEDSEAL_DATA_DIR to a folder that contains one of them" in output
     assert "Traceback" not in output
+
+
+def test_run_without_any_training_fails(tmp_path: Path) -> None:
+    from server.simulation import NoTrainingError, check_some_training
+
+    reason = "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'... Message: Update has L2 norm 1.3, above strategy.norm_bound=0.5.'>"
+    lines = [
+        {"phase": "train", "round": 1, "scope": "global", "sampled": 2, "replied": 0, "failures": [f"node 7: {reason}", "node 8: other"]},
+        {"phase": "train", "round": 2, "scope": "global", "sampled": 2, "replied": 0, "failures": []},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+
+    with pytest.raises(NoTrainingError) as raised:
+        check_some_training(tmp_path)
+
+    message = str(raised.value)
+    assert message.startswith("No node trained in any of the 2 rounds, so the final model is the initial one.")
+    assert "First failure: Update has L2 norm 1.3, above strategy.norm_bound=0.5." in message
+
+
+def test_run_with_one_reply_passes(tmp_path: Path) -> None:
+    from server.simulation import check_some_training
+
+    lines = [
+        {"phase": "train", "round": 1, "scope": "global", "sampled": 2, "replied": 0, "failures": ["node 7: down"]},
+        {"phase": "train", "round": 2, "scope": "global", "sampled": 2, "replied": 1, "failures": ["node 7: down"]},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+
+    check_some_training(tmp_path)
