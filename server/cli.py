@@ -87,6 +87,13 @@ def _keys_init_problem(args: argparse.Namespace) -> str | None:
     return check_tls_arguments(args)
 
 
+def _has_node_keys(out: Path, num_nodes: int) -> bool:
+    """Tell whether every training node 0..N-1 already has a signing key under ``out``."""
+    from crypto import signing
+
+    return all((signing.node_key_dir(out / signing.SIGNING_DIR, node) / signing.PRIVATE_KEY_FILENAME).exists() for node in range(num_nodes))
+
+
 def _read_fingerprint(out: Path) -> str:
     path = out / "fingerprint.txt"
     return path.read_text(encoding="utf-8").strip() if path.exists() else "(unknown: no fingerprint.txt)"
@@ -95,6 +102,7 @@ def _read_fingerprint(out: Path) -> str:
 def _keys_init(args: argparse.Namespace) -> int:
     """Create the CKKS material of a federation, then signing keys and TLS material if requested."""
     from crypto.ckks import SECRET_CONTEXT_FILENAME
+    from crypto.ckks.scoring import SCORING_SECRET_CONTEXT_FILENAME
     from server.keys import NODE_DIR, SERVER_DIR, init_ckks_keys, init_scoring_keys
 
     problem = _keys_init_problem(args)
@@ -102,11 +110,13 @@ def _keys_init(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    # --scoring on a folder that already has the aggregation key adds the scoring key and keeps the rest.
-    keep_ckks = args.scoring and not args.overwrite and (out / NODE_DIR / SECRET_CONTEXT_FILENAME).exists()
+    # --scoring or --validator on a folder that already has the aggregation key adds what they name and keeps the rest.
+    keep_ckks = (args.scoring or args.validator) and not args.overwrite and (out / NODE_DIR / SECRET_CONTEXT_FILENAME).exists()
+    keep_scoring = args.validator and not args.overwrite and (out / NODE_DIR / SCORING_SECRET_CONTEXT_FILENAME).exists()
     try:
         fingerprint = _read_fingerprint(out) if keep_ckks else init_ckks_keys(out, args.preset, overwrite=args.overwrite)
-        scoring_fingerprint = init_scoring_keys(out, args.scoring_preset, overwrite=args.overwrite) if args.scoring else None
+        wants_scoring = args.scoring and not keep_scoring
+        scoring_fingerprint = init_scoring_keys(out, args.scoring_preset, overwrite=args.overwrite) if wants_scoring else None
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -127,14 +137,19 @@ def _signing_keys_init(args: argparse.Namespace) -> int:
     """Create the nodes' Ed25519 signing keys and register them."""
     from crypto.signing import SIGNING_DIR
     from provenance.registry import RegistryError
-    from server.keys import init_signing_keys
+    from server.keys import init_signing_keys, init_validator_signing_key
 
+    out = Path(args.out)
     try:
-        nodes = init_signing_keys(Path(args.out), args.nodes, args.db, args.org, overwrite=args.overwrite, validator=args.validator)
+        if args.validator and not args.overwrite and _has_node_keys(out, args.nodes):
+            # The sites' keys exist: add the validator's only, as the missing-validator error asks.
+            nodes = [init_validator_signing_key(out, args.nodes, args.db)]
+        else:
+            nodes = init_signing_keys(out, args.nodes, args.db, args.org, overwrite=args.overwrite, validator=args.validator)
     except (FileExistsError, ValueError, RegistryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"Ed25519 signing keys for {len(nodes)} nodes in {Path(args.out) / SIGNING_DIR} (install node-<id>/signing.key on that site only)")
+    print(f"Ed25519 signing keys for {len(nodes)} node{'' if len(nodes) == 1 else 's'} in {Path(args.out) / SIGNING_DIR} (install node-<id>/signing.key on that site only)")
     if args.validator:
         print(f"  node {args.nodes} is the he_robust trust validator: install its key where the validator SuperNode runs (partition-id={args.nodes})")
     _print_nodes(nodes)

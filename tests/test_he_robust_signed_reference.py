@@ -362,3 +362,23 @@ def test_malformed_reference_batch(batch, message) -> None:
 
 def test_reference_batch_round_trip() -> None:
     assert node_keys.parse_reference_batch(node_keys.reference_batch(b"ct", 2.5)) == (b"ct", 2.5)
+
+
+def test_keys_init_adds_validator_to_existing_folder(tmp_path: Path) -> None:
+    from server.cli import main
+
+    out = tmp_path / "keys"
+    assert main(["keys", "init", "--out", str(out), "--scoring", "--nodes", "3"]) == 0
+    site_key = (out / "signing" / "node-0" / "signing.key").read_bytes()
+    scoring_key = (out / "node" / scoring.SCORING_SECRET_CONTEXT_FILENAME).read_bytes()
+
+    assert main(["keys", "init", "--out", str(out), "--nodes", "3", "--validator"]) == 0
+
+    assert (out / "signing" / "node-0" / "signing.key").read_bytes() == site_key
+    assert (out / "node" / scoring.SCORING_SECRET_CONTEXT_FILENAME).read_bytes() == scoring_key
+    registry = NodeRegistry(sqlite_url(out / "registry.sqlite"))
+    try:
+        labels = {node.node_id: node.organisation for node in registry.list_nodes()}
+    finally:
+        registry.close()
+    assert labels == {0: "site-0", 1: "site-1", 2: "site-2", 3: "validator"}
