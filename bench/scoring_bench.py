@@ -57,7 +57,10 @@ logger = logging.getLogger("scoring_bench")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--params", type=int, default=1_000_000, help="Model parameters per update."
     )
@@ -79,7 +82,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, help="Write the results as JSON to this file."
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("params", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if min(args.nodes) < 2:
+        parser.error(f"--nodes must all be >= 2 (a round needs pairs for distances), got {args.nodes}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    if args.out is not None and not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist; create it first")
+    return args
 
 
 def machine() -> dict[str, Any]:

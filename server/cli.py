@@ -260,6 +260,7 @@ def _models_decrypt(args: argparse.Namespace) -> int:
         return code
 
     state = unflatten(base + drift, initial)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, args.out)
     print(f"Decrypted model written to {args.out}")
     return 0

@@ -501,13 +501,15 @@ class EncryptedRobust(FedAvg):
             digest = batch_digest(message.content.config_records[UPDATE_RECORD][BATCH_KEY])
             if i in decision.reasons or weight == 0.0:
                 reason = decision.reasons.get(i, "weight 0")
-                self._reject(server_round, message, f"rejected by rule {self.rule.rule}: {reason}", digest=digest)
+                # Krum leaves out honest updates every round by design, so those lines are not warnings.
+                level = logging.INFO if self.rule.rule in ("krum", "multikrum") else logging.WARNING
+                self._reject(server_round, message, f"rejected by rule {self.rule.rule}: {reason}", digest=digest, level=level)
             elif self.audit is not None:
                 self.audit.append("update_accepted", round=server_round, node_id=node_id, partition=partition_id, digest=digest, multiplier=weight)
 
-    def _reject(self, server_round: int, message: Message, reason: str, digest: str | None = None) -> None:
+    def _reject(self, server_round: int, message: Message, reason: str, digest: str | None = None, level: int = logging.WARNING) -> None:
         node_id = message.metadata.src_node_id
-        logger.warning("aggregate_train: rejected update of node %d (partition %s) in round %d: %s", node_id, partition_of(message), server_round, reason)
+        logger.log(level, "aggregate_train: rejected update of node %d (partition %s) in round %d: %s", node_id, partition_of(message), server_round, reason)
         if self.audit is not None:
             self.audit.append("update_rejected", round=server_round, node_id=node_id, partition=partition_of(message), reason=reason, digest=digest)
 

@@ -149,3 +149,13 @@ def test_corrupted_drift_exits_1(robust_run, tmp_path: Path, capsys: pytest.Capt
 
     assert code == 1
     assert "CRC-32" in capsys.readouterr().err
+
+
+def test_decrypt_creates_output_folder(robust_run, tmp_path: Path) -> None:
+    run_dir, keys, expected = robust_run
+    out = tmp_path / "exports" / "site-0" / "model.pt"
+
+    code = _decrypt(run_dir, keys / NODE_DIR, out)
+
+    assert code == 0
+    assert float(np.max(np.abs(flatten(torch.load(out)) - expected))) <= 1e-6

@@ -435,3 +435,15 @@ def test_fixed_member_without_update_skips_round(public, secret, key_dir, tmp_pa
     skipped = audit.events("he_robust_round_skipped")
     assert len(skipped) == 1
     assert "committee members [4] (partition ids) sent no usable update in round 1" in skipped[0]["reason"]
+
+
+def test_krum_left_out_updates_log_at_info(public, secret, key_dir, tmp_path, uploads, caplog) -> None:
+    strategy = make_strategy(public, RuleSettings(rule="multikrum", num_malicious=1, num_selected=3))
+    grid = FederationGrid(key_dir, tmp_path, secret)
+
+    with caplog.at_level("INFO", logger="strategies.he_robust"):
+        run_round(strategy, grid, 1, replies_for(uploads))
+
+    left_out = [record for record in caplog.records if "rejected by rule multikrum" in record.getMessage()]
+    assert len(left_out) == len(NODE_IDS) - 3
+    assert {record.levelname for record in left_out} == {"INFO"}
