@@ -142,7 +142,7 @@ def _signing_keys_init(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         if args.validator and not args.overwrite and _has_node_keys(out, args.nodes):
-            # The sites' keys exist: add the validator's only, as the missing-validator error asks.
+            # The sites' keys exist: add only the validator's key, which the missing-validator error requests.
             nodes = [init_validator_signing_key(out, args.nodes, args.db)]
         else:
             nodes = init_signing_keys(out, args.nodes, args.db, args.org, overwrite=args.overwrite, validator=args.validator)

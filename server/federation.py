@@ -276,7 +276,7 @@ def encryption_setup(cfg: DictConfig, spec: TaskSpec, resources: RunResources, i
 def scoring_setup(cfg: DictConfig, spec: TaskSpec, resources: RunResources, initial_state: dict, run_dir: Path) -> TaskSpec:
     """Load the public scoring context for ``strategy=he_robust`` and return ``spec`` with its scoring settings.
 
-    The server process loads ``keys_dir/server`` only, so it never holds the
+    The server process loads ``keys_dir/server`` only, so it never has the
     scoring secret key.
 
     Raises

@@ -78,7 +78,7 @@ class NoTrainingError(RuntimeError):
 
 
 def check_some_training(run_dir: Path) -> None:
-    """Raise NoTrainingError when no node answered a training message in any round of the run.
+    """Raise NoTrainingError when no node returned a training reply in any round of the run.
 
     Such a run still writes its outputs, but its model never changed, and a
     zero exit status would hide that. The message gives the first failure

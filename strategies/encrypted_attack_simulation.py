@@ -6,7 +6,7 @@ so this layer plays the adversary of the strong threat model with the key
 itself. It reads the scoring secret key that the simulation created and
 decrypts the round's uploads. It then applies the same attack functions to
 the attackers' slots and re-encrypts the crafted updates before
-``he_robust`` sees the replies. ``he_robust`` itself never decrypts.
+``he_robust`` receives the replies. ``he_robust`` itself never decrypts.
 
 The layer exists only in Ray simulation with keys that the simulation made
 (``security.keys_dir=null``). ``strategies.factory.wrap_robustness`` rejects

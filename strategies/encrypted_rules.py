@@ -1,6 +1,6 @@
 """Robust rules on decrypted statistics: which encrypted updates to sum, and with what weight.
 
-``he_robust`` never sees an update. It gets the committee's medians of the
+``he_robust`` never reads an update. It gets the committee's medians of the
 round's squared norms, pairwise squared distances and inner products with
 the validator's reference (``strategies.encrypted_scoring.RoundScores``), and
 turns them into one plaintext weight per update. The server then sums

@@ -186,8 +186,8 @@ def wrap_robustness(cfg: Any, strategy: Strategy, sink: RoundSink, resources: Ru
     """Wrap a plaintext rule as ``AttackSimulation(UpdateValidation(rule))``; leave encrypted ones alone.
 
     ``strategy=he_robust`` in a Ray simulation with keys that the simulation
-    created gets ``EncryptedAttackSimulation`` instead: an adversary that
-    holds the scoring key, for the robustness sweep only.
+    created gets ``EncryptedAttackSimulation`` instead: an adversary with
+    the scoring secret key, for the robustness sweep only.
 
     Raises
     ------
@@ -207,11 +207,11 @@ def wrap_robustness(cfg: Any, strategy: Strategy, sink: RoundSink, resources: Ru
             spec = attack_spec(attack, int(cfg.nodes))
             if spec is None:
                 return strategy
-            logger.warning("attack=%s on strategy=he_robust: the simulated adversary holds the scoring secret key of this simulation", attack.name)
+            logger.warning("attack=%s on strategy=he_robust: the simulated adversary has the scoring secret key of this simulation", attack.name)
             return EncryptedAttackSimulation(strategy, attack, spec["attackers"], Path(simulation_keys) / NODE_DIR, sink=sink)
         if str(cfg.strategy.name) == "he_robust":
             raise ValueError(
-                f"attack={attack.name} with strategy=he_robust needs an adversary that holds the scoring secret key, which is allowed only "
+                f"attack={attack.name} with strategy=he_robust needs an adversary with the scoring secret key, which is allowed only "
                 "in a Ray simulation that creates its own keys (fedseal-train with security.keys_dir=null). Use attack=label_flip or attack=none here."
             )
         raise ValueError(f"attack={attack.name} crafts plaintext updates on the server, but strategy={cfg.strategy.name} encrypts them. Use attack=label_flip or attack=none, or a plaintext strategy.")

@@ -1,6 +1,6 @@
 """Robust aggregation on CKKS-encrypted updates: score with a committee, sum what was scored.
 
-The server holds only the public scoring context (``crypto.ckks.scoring``).
+The server has only the public scoring context (``crypto.ckks.scoring``).
 Each round:
 
 1. Training nodes reply with their unweighted update encrypted for scoring
@@ -19,7 +19,7 @@ Each round:
    is summed.
 
 The trust rule requests the reference from the validator node. The validator
-holds the root rows and the scoring key, is never sampled for training,
+has the root rows and the scoring key, is never sampled for training,
 and its reply is never aggregated. With signature checks on, the reply must
 pass ``SignatureVerification.check_reference`` (``reference_verifier``)
 before the server scores with it. A reply that fails it, or no reply at all,

@@ -50,12 +50,14 @@ def build_he_robust(strategy_cfg: Any, sampling: dict[str, Any], resources: Any)
 
     spec = resources.extra.get("spec")
     seed = strategy_cfg.get("committee_seed")
+    if seed is None:
+        seed = spec.train.seed if spec is not None else 0
     partitions = strategy_cfg.get("committee_partitions")
     partitions = None if partitions is None else tuple(int(p) for p in partitions)
     committee = CommitteeSettings(
         size=len(partitions) if partitions else int(strategy_cfg.get("committee_size", 3)),
         max_faulty=int(strategy_cfg.get("max_faulty", 1)),
-        seed=int(seed) if seed is not None else (spec.train.seed if spec is not None else 0),
+        seed=int(seed),
         partitions=partitions,
     )
 

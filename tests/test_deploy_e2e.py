@@ -146,7 +146,7 @@ def test_deploy_local_he_robust_trust_validator(tmp_path: Path, data_root: Path)
     assert sorted({entry["partition"] for entry in signed}) == [0, 1, 2]
     assert not [entry for entry in entries if entry["event"] in ("update_rejected", "reference_rejected", "he_robust_round_skipped")]
 
-    # The server holds no scoring secret; a site's key decrypts the final model.
+    # The server has no scoring secret; a site's key decrypts the final model.
     server_files = {path.name for path in [*(state / "server").rglob("*"), *(state / "superlink").rglob("*")]}
     assert not [name for name in server_files if "secret" in name]
     final_path = tmp_path / "final.pt"

@@ -50,7 +50,7 @@ class Audit:
 class FederationGrid:
     """A Grid whose committee members run the real ClientApp scoring handler in this process.
 
-    The validator answers a train message with ``reference`` encrypted under
+    The validator replies to a train message with ``reference`` encrypted under
     the scoring key. ``decryptions`` counts every scalar decryption by the
     node that ran it; ``None`` would mean the server process decrypted.
     """
@@ -207,7 +207,8 @@ def test_krum_selection_matches_plaintext(public, secret, key_dir, tmp_path, upd
     assert np.max(np.abs(decrypted_drift(secret, strategy) - weights @ updates[expected])) <= 1e-6
     decision = krum_rule(centred_squared_distances(updates), EXAMPLES, 1, selected)
     assert sorted(decision.selected) == sorted(expected)
-    assert 1 not in expected and 4 not in expected
+    assert 1 not in expected
+    assert 4 not in expected
 
 
 def test_trust_matches_plaintext(public, secret, key_dir, tmp_path, updates, uploads) -> None:

@@ -66,7 +66,7 @@ def is_encrypted_drift(data: bytes) -> bool:
 
 
 def drift_limit(context: ScoringPublicContext | ScoringSecretContext) -> float:
-    """Return the largest drift coordinate the last level holds with the preflight's safety margin."""
+    """Return the largest drift coordinate that fits the last level with the preflight's safety margin."""
     public = context.public if isinstance(context, ScoringSecretContext) else context
     last = public.seal_context.last_context_data().parms().coeff_modulus()
     modulus = math.prod(prime.value() for prime in last)
