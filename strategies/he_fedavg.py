@@ -233,17 +233,27 @@ class EncryptedFedAvg(FedAvg):
             self.audit.append("update_accepted", round=server_round, node_id=message.metadata.src_node_id, partition=_partition(message), digest=batch_digest(batch))
 
     def _reject(self, server_round: int, message: Message, reason: str, digest: str | None = None) -> None:
-        node_id = message.metadata.src_node_id
-        logger.warning("aggregate_train: rejected update of node %d (partition %s) in round %d: %s", node_id, _partition(message), server_round, reason)
-        if self.audit is not None:
-            self.audit.append("update_rejected", round=server_round, node_id=node_id, partition=_partition(message), reason=reason, digest=digest)
+        reject_update(self.audit, server_round, message, reason, digest)
 
     def _record_aggregate(self, server_round: int, accepted: int) -> None:
-        digest = batch_digest(self.drift)
-        location = self.versions.save(server_round, self.drift) if self.versions is not None else None
-        logger.info("aggregate_train: round %d summed %d encrypted updates, global version %s", server_round, accepted, digest[:16])
-        if self.audit is not None:
-            self.audit.append("aggregate", round=server_round, accepted=accepted, version=server_round, model_hash=digest, location=location)
+        record_aggregate(self.audit, self.versions, self.drift, server_round, accepted)
+
+
+def reject_update(audit: AuditSink | None, server_round: int, message: Message, reason: str, digest: str | None = None, level: int = logging.WARNING) -> None:
+    """Log and audit an encrypted update that the server leaves out of the sum."""
+    node_id = message.metadata.src_node_id
+    logger.log(level, "aggregate_train: rejected update of node %d (partition %s) in round %d: %s", node_id, _partition(message), server_round, reason)
+    if audit is not None:
+        audit.append("update_rejected", round=server_round, node_id=node_id, partition=_partition(message), reason=reason, digest=digest)
+
+
+def record_aggregate(audit: AuditSink | None, versions: VersionSink | None, drift: list[bytes], server_round: int, accepted: int) -> None:
+    """Store the new encrypted global model as a version, then log and audit it."""
+    digest = batch_digest(drift)
+    location = versions.save(server_round, drift) if versions is not None else None
+    logger.info("aggregate_train: round %d summed %d encrypted updates, global version %s", server_round, accepted, digest[:16])
+    if audit is not None:
+        audit.append("aggregate", round=server_round, accepted=accepted, version=server_round, model_hash=digest, location=location)
 
 
 def _partition(message: Message) -> int | None:

@@ -71,6 +71,8 @@ from strategies.he_fedavg import (
     AuditSink,
     VersionSink,
     batch_digest,
+    record_aggregate,
+    reject_update,
 )
 from strategies.recording import partition_of
 from strategies.reputation import ReputationBook
@@ -508,17 +510,10 @@ class EncryptedRobust(FedAvg):
                 self.audit.append("update_accepted", round=server_round, node_id=node_id, partition=partition_id, digest=digest, multiplier=weight)
 
     def _reject(self, server_round: int, message: Message, reason: str, digest: str | None = None, level: int = logging.WARNING) -> None:
-        node_id = message.metadata.src_node_id
-        logger.log(level, "aggregate_train: rejected update of node %d (partition %s) in round %d: %s", node_id, partition_of(message), server_round, reason)
-        if self.audit is not None:
-            self.audit.append("update_rejected", round=server_round, node_id=node_id, partition=partition_of(message), reason=reason, digest=digest)
+        reject_update(self.audit, server_round, message, reason, digest, level)
 
     def _record_aggregate(self, server_round: int, accepted: int) -> None:
-        digest = batch_digest(self.drift)
-        location = self.versions.save(server_round, self.drift) if self.versions is not None else None
-        logger.info("aggregate_train: round %d summed %d encrypted updates, global version %s", server_round, accepted, digest[:16])
-        if self.audit is not None:
-            self.audit.append("aggregate", round=server_round, accepted=accepted, version=server_round, model_hash=digest, location=location)
+        record_aggregate(self.audit, self.versions, self.drift, server_round, accepted)
 
     def _report(self, server_round: int, event: str, partition_id: int | None, **fields: Any) -> None:
         report_event(self.sink, None, PHASE, server_round, event, node=partition_id, **fields)

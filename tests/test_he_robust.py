@@ -442,7 +442,7 @@ def test_krum_left_out_updates_log_at_info(public, secret, key_dir, tmp_path, up
     strategy = make_strategy(public, RuleSettings(rule="multikrum", num_malicious=1, num_selected=3))
     grid = FederationGrid(key_dir, tmp_path, secret)
 
-    with caplog.at_level("INFO", logger="strategies.he_robust"):
+    with caplog.at_level("INFO"):
         run_round(strategy, grid, 1, replies_for(uploads))
 
     left_out = [record for record in caplog.records if "rejected by rule multikrum" in record.getMessage()]
