@@ -53,7 +53,8 @@ from clients.signing import base_version_hash, sign_update
 from crypto import signing
 from provenance.audit import AuditLog
 from provenance.registry import NodeRegistry, sqlite_url
-from strategies.signatures import SignatureVerification, payload_hashes
+from strategies.arrival_hashing import timed_payload_hashes
+from strategies.signatures import SignatureVerification
 
 logger = logging.getLogger("provenance_bench")
 
@@ -222,7 +223,7 @@ def measure_round(nodes: int, global_state: OrderedDict[str, torch.Tensor], fold
 
 def measure_parts(replies: list[Message], keys: dict, registry: NodeRegistry, audit: AuditLog) -> dict[str, float]:
     """Time the server-side steps of the check one by one, for all replies together."""
-    _, hashing = timed(lambda: payload_hashes(replies))
+    _, hashing = timed(lambda: timed_payload_hashes(replies))
 
     records = [reply.content.config_records[signing.SIGNATURE_RECORD] for reply in replies]
     public_keys = [signing.load_public_key(signing.public_key_hex(keys[node])) for node in range(len(replies))]

@@ -38,9 +38,10 @@ from server.config import config_hash, task_spec, validate_config
 from server.model_store import read_batch, write_batch
 from server.run_log import RunLog
 from server.summary import mean_metrics, node_gains, print_table, write_summary
+from strategies.arrival_hashing import ArrivalHashingGrid
 from strategies.factory import build_strategy
 from strategies.factory import RunResources, innermost
-from strategies.signatures import setup_signatures
+from strategies.signatures import setup_signatures, signatures_enabled
 from tracking import open_tracker
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,9 @@ def _run_federation(grid: Grid, cfg: DictConfig, run_dir: Path, tracker: Any, si
     evaluate_fn = _pooled_evaluator(spec, run_log, resources.round_offset) if cfg.evaluate.server_side and not encrypted else None
 
     remaining = num_rounds - resources.round_offset
+    # Signature checks hash every update; hashing each one as it arrives keeps that work off the end of the round.
+    if signatures_enabled(cfg):
+        grid = ArrivalHashingGrid(grid)
     try:
         if remaining > 0:
             result = strategy.start(
@@ -184,6 +188,8 @@ def _run_federation(grid: Grid, cfg: DictConfig, run_dir: Path, tracker: Any, si
             final_arrays = ArrayRecord(start_state)
     finally:
         run_log.close()
+        if isinstance(grid, ArrivalHashingGrid):
+            grid.close()
     federated_seconds = time.monotonic() - started
 
     if encrypted:

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,10 +41,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from clients.signing import base_version_hash, payload_hash
+from clients.signing import base_version_hash
 from crypto import signing
 from provenance.registry import ACTIVE, DEFAULT_FILENAME, VALIDATOR_ORGANISATION, NodeInfo, NodeRegistry, sqlite_url
 from scenarios.spec import TaskSpec
+from strategies.arrival_hashing import ArrivalHashingGrid, PayloadHash, hash_reply_payload, timed_payload_hashes
 from strategies.recording import partition_of
 
 logger = logging.getLogger(__name__)
@@ -54,8 +53,6 @@ logger = logging.getLogger(__name__)
 CHECK = "signature"
 # Phase of the run-log lines with the server-side seconds of these checks.
 COST_PHASE = "provenance"
-# Threads that hash reply payloads in parallel.
-HASH_THREADS = min(8, os.cpu_count() or 1)
 # Audit subjects: a training update, or the trust validator's encrypted reference.
 UPDATE = "update"
 REFERENCE = "reference"
@@ -100,6 +97,8 @@ class SignatureVerification(Strategy):
         self.run_id = run_id
         self.sink = sink
         self._configure_s = 0.0
+        # The grid that hashes replies as they arrive, when the run uses one.
+        self._arrivals: ArrivalHashingGrid | None = None
         # Flower node id -> hash of the model version sent to it this round.
         self._base_hashes: dict[int, str] = {}
         self._public_keys: dict[str, Ed25519PublicKey] = {}
@@ -117,6 +116,7 @@ class SignatureVerification(Strategy):
         """Delegate, then remember the hash of the model version each message carries."""
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         started = time.perf_counter()
+        self._arrivals = grid if isinstance(grid, ArrivalHashingGrid) else None
 
         # Messages usually share one content object, so hash each content once.
         hashes: dict[int, str] = {}
@@ -138,8 +138,8 @@ class SignatureVerification(Strategy):
         replies = list(replies)
         nodes = {node.node_id: node for node in self.registry.list_nodes()}
         hashing = time.perf_counter()
-        payloads = payload_hashes(replies)
-        hashed = time.perf_counter()
+        payloads, hashes = self._payload_hashes(replies)
+        hashes.update(wait_s=time.perf_counter() - hashing)
         forwarded: list[Message] = []
         accepted: list[int] = []
         rejected: list[int | None] = []
@@ -160,11 +160,34 @@ class SignatureVerification(Strategy):
         # NOTE: "accepted" counts passing this check only; a layer inside may still reject the update.
         self.registry.record_contributions(accepted, [node for node in rejected if node in nodes])
         logger.info("aggregate_train: round %d, %d replies passed the signature check, %d were rejected", server_round, len(accepted), len(rejected))
-        self._report_cost(server_round, started, hashing, hashed)
+        self._report_cost(server_round, started, hashes)
         return self.strategy.aggregate_train(server_round, forwarded)
 
-    def _report_cost(self, server_round: int, started: float, hashing: float, hashed: float) -> None:
-        """Send this round's server-side seconds to the sink: the base hashes of ``configure_train``, the payload hashes, and the rest (signature checks, audit entries, registry)."""
+    def _payload_hashes(self, replies: list[Message]) -> tuple[list[PayloadHash], dict[str, float]]:
+        """Return each reply's payload hash, taking those the grid started on arrival and computing the rest.
+
+        The dict counts the replies hashed on arrival (``prehashed``) and the
+        hashing seconds summed over all replies and threads (``busy_s``),
+        including hashing that ran while the server still waited.
+        """
+        taken = [self._arrivals.take(reply) if self._arrivals is not None else None for reply in replies]
+        missing = [reply for reply, result in zip(replies, taken) if result is None]
+        computed = iter(timed_payload_hashes(missing))
+        results = [result if result is not None else next(computed) for result in taken]
+        stats = {"prehashed": float(len(replies) - len(missing)), "busy_s": sum(seconds for _, seconds in results)}
+        return [payload for payload, _ in results], stats
+
+    def _report_cost(self, server_round: int, started: float, hashes: dict[str, float]) -> None:
+        """Send this round's server-side seconds to the sink as one ``provenance`` line.
+
+        ``server_s`` is what provenance adds to the round on the server: the
+        base hashes of ``configure_train`` plus everything ``aggregate_train``
+        does before the inner strategy. Of it, ``payload_hash_s`` is the wait
+        for payload hashes (those still running, and those not hashed on
+        arrival), and ``checks_s`` the signature checks, audit entries and
+        registry access. ``payload_hash_busy_s`` is all payload hashing,
+        including what overlapped the wait for replies.
+        """
         if self.sink is None or not hasattr(self.sink, "record_event"):
             return
         finished = time.perf_counter()
@@ -174,8 +197,10 @@ class SignatureVerification(Strategy):
             "train",
             server_s=round(self._configure_s + finished - started, 5),
             base_hash_s=round(self._configure_s, 5),
-            payload_hash_s=round(hashed - hashing, 5),
-            checks_s=round(finished - started - (hashed - hashing), 5),
+            payload_hash_s=round(hashes["wait_s"], 5),
+            checks_s=round(finished - started - hashes["wait_s"], 5),
+            payload_hash_busy_s=round(hashes["busy_s"], 5),
+            prehashed=int(hashes["prehashed"]),
         )
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -188,7 +213,7 @@ class SignatureVerification(Strategy):
 
     # --- checks --------------------------------------------------------------
 
-    def check_reply(self, server_round: int, reply: Message, nodes: dict[int, NodeInfo], payload: str | ValueError | None = None) -> Verdict:
+    def check_reply(self, server_round: int, reply: Message, nodes: dict[int, NodeInfo], payload: PayloadHash = None) -> Verdict:
         """Return whether ``reply`` carries a valid signature for this run and round, and why not.
 
         ``payload`` is the reply's ``payload_hash`` (or the ValueError it
@@ -220,7 +245,10 @@ class SignatureVerification(Strategy):
         if not signing.verify_digest(public_key, bytes.fromhex(claimed), signature):
             return Verdict(partition, f"bad signature: it does not verify with node {partition}'s registered key", digest=claimed)
 
-        return self._check_digest(server_round, reply, partition, claimed, record, signature, payload or _hash_payload(reply))
+        if payload is None:
+            arrived = self._arrivals.take(reply) if self._arrivals is not None else None
+            payload = arrived[0] if arrived is not None else hash_reply_payload(reply)
+        return self._check_digest(server_round, reply, partition, claimed, record, signature, payload)
 
     def _check_digest(self, server_round: int, reply: Message, partition: int, claimed: str, record: ConfigRecord, signature: bytes, payload: str | ValueError) -> Verdict:
         """Compare the signed digest with the one recomputed from what the server sent and received."""
@@ -287,24 +315,6 @@ class SignatureVerification(Strategy):
 
         logger.warning("aggregate_train: rejected %s of node %s (Flower node %d) in round %d: %s", subject, verdict.partition, node_id, server_round, verdict.reason)
         self.audit.append(f"{subject}_rejected", check=CHECK, round=server_round, run_id=self.run_id, node_id=node_id, partition=verdict.partition, reason=verdict.reason, digest=verdict.digest)
-
-
-def _hash_payload(reply: Message) -> str | ValueError | None:
-    """Return the reply's payload hash, the ValueError that prevents it, or None for error replies."""
-    if reply.has_error():
-        return None
-    try:
-        return payload_hash(reply.content)
-    except ValueError as error:
-        return error
-
-
-def payload_hashes(replies: list[Message]) -> list[str | ValueError | None]:
-    """Hash every reply's payload, in threads: hashlib releases the GIL on large buffers."""
-    if len(replies) < 2:
-        return [_hash_payload(reply) for reply in replies]
-    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
-        return list(pool.map(_hash_payload, replies))
 
 
 def _is_sha256_hex(value: object) -> bool:

@@ -23,11 +23,13 @@ from omegaconf import OmegaConf
 
 from clients.encrypted import state_hash
 from clients.signing import base_version_hash, sign_train_reply, sign_update
-from conftest import make_reply
+from conftest import ScriptedGrid, make_reply
 from crypto import ckks, signing
 from provenance.audit import AuditLog, canonical, entry_hash, head_path, verify_chain
 from provenance.registry import NodeRegistry, sqlite_url
 from server.cli import main as cli_main
+from strategies import arrival_hashing
+from strategies.arrival_hashing import ArrivalHashingGrid
 from strategies.factory import RunResources
 from strategies.he_fedavg import BATCH_KEY, UPDATE_RECORD, EncryptedFedAvg, batch_digest
 from strategies.signatures import SignatureVerification, setup_signatures, verify_audit_signatures, wrap_with_signatures
@@ -451,6 +453,10 @@ def test_simulation_audit_verifies(strategy: str, tmp_path: Path, data_root: Pat
     counts = {node.node_id: (node.accepted, node.rejected) for node in registry.list_nodes()}
     registry.close()
     assert counts == {node: (sum(entry["partition"] == node for entry in signed), 0) for node in (0, 1)}
+    # Every reply was hashed as it arrived through the simulation's grid.
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    prehashed = {line["round"]: line["prehashed"] for line in lines if line.get("phase") == "provenance"}
+    assert prehashed == {server_round: sum(entry["round"] == server_round for entry in signed) for server_round in (1, 2)}
 
 
 class CostSink:
@@ -492,3 +498,48 @@ def test_signed_reply_reports_sign_seconds(federation: Federation, tmp_path: Pat
     assert 0 < seconds < 5
     arrays, _ = federation.strategy.aggregate_train(1, [reply])
     assert arrays is not None
+
+
+def test_checks_use_hashes_from_arrival(federation: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
+    hashed: list[Message] = []
+    real_hash = arrival_hashing.payload_hash
+    monkeypatch.setattr(arrival_hashing, "payload_hash", lambda content: hashed.append(content) or real_hash(content))
+    sink = CostSink()
+    federation.strategy.sink = sink
+    scripted = ScriptedGrid(FLOWER_IDS.values(), [])
+    grid = ArrivalHashingGrid(scripted)
+    messages = list(federation.strategy.configure_train(1, ArrayRecord(_state(0)), ConfigRecord({}), grid))
+    sent = {message.metadata.dst_node_id: message for message in messages}
+    good = [_signed(federation, sent, node, _state(node + 1), 1) for node in (0, 1)]
+    scripted.batches = [[good[0]], [good[1], _altered_payload(federation, sent, _state(3))]]
+
+    replies = list(grid.send_and_receive(messages, timeout=None))
+    arrays, _ = federation.strategy.aggregate_train(1, replies)
+
+    _assert_model(arrays, _mean(_state(1), _state(2)))
+    assert len(hashed) == 3
+    rejected = _events(federation.audit.path, "update_rejected")
+    assert [entry["partition"] for entry in rejected] == [2]
+    assert rejected[0]["reason"].startswith("payload altered after signing")
+    accepted = _events(federation.audit.path, "update_accepted")
+    assert [entry["payload_hash"] for entry in accepted] == [state_hash(_state(1)), state_hash(_state(2))]
+    line = sink.lines[0]
+    assert line["prehashed"] == 3
+    assert line["payload_hash_busy_s"] > 0
+    grid.close()
+
+
+def test_replies_from_other_grid_hashed_on_request(federation: Federation) -> None:
+    sink = CostSink()
+    federation.strategy.sink = sink
+    grid = ArrivalHashingGrid(ScriptedGrid(FLOWER_IDS.values(), []))
+    messages = list(federation.strategy.configure_train(1, ArrayRecord(_state(0)), ConfigRecord({}), grid))
+    sent = {message.metadata.dst_node_id: message for message in messages}
+    replies = [_signed(federation, sent, node, _state(node + 1), 1) for node in FLOWER_IDS]
+
+    arrays, _ = federation.strategy.aggregate_train(1, replies)
+
+    _assert_model(arrays, _mean(_state(1), _state(2), _state(3)))
+    assert sink.lines[0]["prehashed"] == 0
+    assert len(_events(federation.audit.path, "update_accepted")) == 3
+    grid.close()
