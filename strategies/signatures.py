@@ -167,7 +167,7 @@ class SignatureVerification(Strategy):
         """Return each reply's payload hash, taking those the grid started on arrival and computing the rest.
 
         The dict counts the replies hashed on arrival (``prehashed``) and the
-        hashing seconds summed over all replies and threads (``busy_s``),
+        hashing CPU seconds summed over all replies and threads (``busy_s``),
         including hashing that ran while the server still waited.
         """
         taken = [self._arrivals.take(reply) if self._arrivals is not None else None for reply in replies]
@@ -185,8 +185,8 @@ class SignatureVerification(Strategy):
         does before the inner strategy. Of it, ``payload_hash_s`` is the wait
         for payload hashes (those still running, and those not hashed on
         arrival), and ``checks_s`` the signature checks, audit entries and
-        registry access. ``payload_hash_busy_s`` is all payload hashing,
-        including what overlapped the wait for replies.
+        registry access. ``payload_hash_busy_s`` is the CPU time of all payload
+        hashing, including what overlapped the wait for replies.
         """
         if self.sink is None or not hasattr(self.sink, "record_event"):
             return
