@@ -2,10 +2,13 @@
 
 ``bench/provenance_bench.py`` times the provenance work in one process,
 against a reference round of one local epoch plus the aggregation. This
-script runs the product instead: ``fedseal-train`` in Ray simulation on the
-fraud scenario, with an MLP of about 1M parameters, once with signatures
-on and once with ``provenance.signatures=false``, for each node count. Both
-runs of a node count use the same seed, data and settings.
+script runs the product instead, on the fraud scenario with an MLP of about
+1M parameters, once with signatures on and once with
+``provenance.signatures=false``, for each node count. Both runs of a node
+count use the same seed, data and settings. ``--runtime simulation`` (the
+default) runs ``fedseal-train`` in Ray; ``--runtime deployment`` runs
+``fedseal deploy local``, a real SuperLink with one SuperNode per node, all
+on this machine.
 
 From each run's ``metrics.jsonl`` it reads, per training round:
 
@@ -27,19 +30,21 @@ with signatures on:
 - on separate sites: ``server_s`` plus the slowest node's signing, because
   each site signs on its own cores while the others train, and the server
   hashes each reply while it waits for the rest;
-- as simulated: all provenance work shares the simulation's cores, so it is
+- as simulated: all provenance work shares this machine's cores, so it is
   the server's checks plus all payload hashing and all nodes' signing
-  divided by the concurrency.
+  divided by the concurrency (``--concurrency``, the ClientApps that run at
+  once in the simulation; on a one-machine deployment, pass the core count).
 
 The table also gives the measured difference between the median rounds
 with and without signatures, which includes run-to-run noise.
 
-Round 1 is left out of every median, because it includes Ray's start, the
-data loading and the first model build.
+Round 1 is left out of every median, because it includes Ray's start (or
+the SuperNodes' first connection), the data loading and the first model build.
 
 Usage::
 
     FEDSEAL_DATA_DIR=/path/to/datasets python bench/provenance_runtime.py --nodes 10 100 --rounds 4 --out provenance_runtime.json
+    FEDSEAL_DATA_DIR=/path/to/datasets python bench/provenance_runtime.py --runtime deployment --nodes 10 --rounds 4
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, nargs="+", default=[10, 100], help="node counts (default: 10 100)")
     parser.add_argument("--rounds", type=int, default=4, help="training rounds per run, the first not counted (default: 4)")
     parser.add_argument("--hidden", type=int, default=HIDDEN, help=f"hidden width of the fraud MLP (default: {HIDDEN}, about 1M parameters)")
+    parser.add_argument("--runtime", choices=("simulation", "deployment"), default="simulation", help="Ray simulation (fedseal-train) or a local SuperLink with one SuperNode per node (fedseal deploy local); default: simulation")
     parser.add_argument("--concurrency", type=int, default=2, help="ClientApps that run at once in the simulation (ray_cpus / client_cpus; default: 2)")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the runs (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON to this file")
@@ -81,17 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_training(run_dir: Path, nodes: int, rounds: int, hidden: int, signatures: bool) -> float:
-    """Run ``fedseal-train`` once; return its wall seconds.
-
-    Raises
-    ------
-    RuntimeError
-        If the run fails; the message names its log file.
-    """
-    command = [
-        sys.executable, "-m", "server.train",
-        f"hydra.run.dir={run_dir}",
+def training_overrides(nodes: int, rounds: int, hidden: int, signatures: bool) -> list[str]:
+    """Return the Hydra overrides shared by both runtimes."""
+    return [
         "scenario=fraud",
         f"+scenario.options.hidden={hidden}",
         f"+scenario.options.hidden_layers={HIDDEN_LAYERS}",
@@ -105,14 +103,39 @@ def run_training(run_dir: Path, nodes: int, rounds: int, hidden: int, signatures
         "quiet=true",
         f"provenance.signatures={str(signatures).lower()}",
     ]
+
+
+def run_training(run_dir: Path, nodes: int, rounds: int, hidden: int, signatures: bool, runtime: str = "simulation") -> tuple[Path, float]:
+    """Run one training job; return its run folder and wall seconds.
+
+    ``simulation`` runs ``fedseal-train`` in Ray with its outputs in
+    ``run_dir``. ``deployment`` runs ``fedseal deploy local``: a SuperLink
+    and one SuperNode per node on this machine, with its state in
+    ``run_dir``, and the run folder is read from its ``last-run.json``.
+
+    Raises
+    ------
+    RuntimeError
+        If the run fails; the message names its log file.
+    """
+    overrides = training_overrides(nodes, rounds, hidden, signatures)
+    if runtime == "deployment":
+        # The launcher sets nodes= itself from --nodes.
+        rest = [item for item in overrides if not item.startswith("nodes=")]
+        command = [sys.executable, "-m", "server.cli", "deploy", "local", "--nodes", str(nodes), "--state-dir", str(run_dir), "--", *rest]
+    else:
+        command = [sys.executable, "-m", "server.train", f"hydra.run.dir={run_dir}", *overrides]
+
     log_path = run_dir.with_suffix(".log")
     started = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
-        raise RuntimeError(f"fedseal-train exited with {result.returncode}; see {log_path}")
-    return seconds
+        raise RuntimeError(f"{runtime} run exited with {result.returncode}; see {log_path}")
+    if runtime == "deployment":
+        return Path(json.loads((run_dir / "last-run.json").read_text(encoding="utf-8"))["run_dir"]), seconds
+    return run_dir, seconds
 
 
 def read_rounds(metrics_path: Path) -> dict[int, dict[str, Any]]:
@@ -167,7 +190,7 @@ def bench_nodes(nodes: int, args: argparse.Namespace, workdir: Path) -> dict[str
     for label, signatures in (("on", True), ("off", False)):
         run_dir = workdir / f"nodes{nodes}_{label}"
         logger.info("%d nodes, signatures %s: running %d rounds in %s", nodes, label, args.rounds, run_dir)
-        walls[label] = run_training(run_dir, nodes, args.rounds, args.hidden, signatures)
+        run_dir, walls[label] = run_training(run_dir, nodes, args.rounds, args.hidden, signatures, args.runtime)
         rounds[label] = read_rounds(run_dir / "metrics.jsonl")
         if label == "on" and not any(entry["sign_seconds"] for entry in rounds[label].values()):
             raise SystemExit(f"error: no node sent a signed training reply in {run_dir}; see {run_dir / 'train.log'} (is FEDSEAL_DATA_DIR set?)")
