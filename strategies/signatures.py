@@ -4,7 +4,9 @@
 so no other wrapper receives an update whose origin is unproven. For each reply it
 recomputes the digest that the node must have signed, from the server's own
 run id, round and base version hash and from the payload actually received
-(see ``clients.signing``). Then it checks the node's Ed25519 signature with
+(see ``clients.signing``). When the run's grid is an ``ArrivalHashingGrid``,
+the payload hash was computed as the reply arrived; otherwise it is
+computed here. Then it checks the node's Ed25519 signature with
 the key in the registry. A reply is rejected, the round going on without it, when:
 
 - it carries no signature (or a malformed one),
@@ -170,10 +172,10 @@ class SignatureVerification(Strategy):
         hashing CPU seconds summed over all replies and threads (``busy_s``),
         including hashing that ran while the server still waited.
         """
-        taken = [self._arrivals.take(reply) if self._arrivals is not None else None for reply in replies]
-        missing = [reply for reply, result in zip(replies, taken) if result is None]
+        prehashed = [self._arrivals.take(reply) if self._arrivals is not None else None for reply in replies]
+        missing = [reply for reply, result in zip(replies, prehashed) if result is None]
         computed = iter(timed_payload_hashes(missing))
-        results = [result if result is not None else next(computed) for result in taken]
+        results = [result if result is not None else next(computed) for result in prehashed]
         stats = {"prehashed": float(len(replies) - len(missing)), "busy_s": sum(seconds for _, seconds in results)}
         return [payload for payload, _ in results], stats
 
