@@ -277,7 +277,12 @@ def _decrypt_aggregation_batch(secret_dir: Path, batch: list[bytes], length: int
         print(f"error: no secret context ({ckks.SECRET_CONTEXT_FILENAME}) in {secret_dir}; pass --secret-dir the node/ folder written by `fedseal keys init`, or RUN_DIR/keys/node for a simulation's own keys.", file=sys.stderr)
         return None, 2
     except ckks.FingerprintMismatchError:
-        print(f"error: the secret context in {secret_dir} does not match the key the model in {source} was encrypted under; pass the node/ folder of this run's keys.", file=sys.stderr)
+        model_key = ckks.read_header(batch).fingerprint
+        print(
+            f"error: the secret context in {secret_dir} (fingerprint {secret.fingerprint[:16]}) does not match the key the model in {source} "
+            f"was encrypted under (fingerprint {model_key[:16]}); pass the node/ folder of this run's keys.",
+            file=sys.stderr,
+        )
         return None, 2
 
 
@@ -288,7 +293,7 @@ def _decrypt_scoring_drift(secret_dir: Path, data: bytes, length: int, source: P
         SCORING_SECRET_CONTEXT_FILENAME,
         read_scoring_secret_context,
     )
-    from crypto.ckks.scoring.aggregate import EncryptedDrift, decrypt_drift
+    from crypto.ckks.scoring.aggregate import EncryptedDrift, decrypt_drift, drift_fingerprint
 
     try:
         secret = read_scoring_secret_context(secret_dir)
@@ -303,7 +308,11 @@ def _decrypt_scoring_drift(secret_dir: Path, data: bytes, length: int, source: P
         drift = EncryptedDrift.from_bytes(secret, data, length)
         return decrypt_drift(secret, drift), 0
     except FingerprintMismatchError:
-        print(f"error: the scoring secret context in {secret_dir} does not match the key the model in {source} was encrypted under; pass the node/ folder of this run's keys.", file=sys.stderr)
+        print(
+            f"error: the scoring secret context in {secret_dir} (fingerprint {secret.fingerprint[:16]}) does not match the key the model in {source} "
+            f"was encrypted under (fingerprint {drift_fingerprint(data)[:16]}); pass the node/ folder of this run's keys.",
+            file=sys.stderr,
+        )
         return None, 2
     except CkksError as error:
         # A corrupted file, another model size, or a drift beyond the preset's limit.

@@ -65,6 +65,9 @@ def test_other_key_is_named(secret, tmp_path: Path, capsys: pytest.CaptureFixtur
 
     code = main(["models", "decrypt", str(tmp_path / "run"), "--secret-dir", str(tmp_path / "other"), "--out", str(tmp_path / "m.pt")])
 
+    error = capsys.readouterr().err
     assert code == 2
-    assert "does not match the key the model" in capsys.readouterr().err
+    assert "does not match the key the model" in error
+    assert f"(fingerprint {ckks.read_secret_context(tmp_path / 'other').fingerprint[:16]})" in error
+    assert f"(fingerprint {secret.fingerprint[:16]})" in error
     assert not (tmp_path / "m.pt").exists()

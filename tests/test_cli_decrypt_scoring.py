@@ -124,7 +124,7 @@ def test_missing_folder_exits_2(robust_run, tmp_path: Path, capsys: pytest.Captu
 
 
 def test_other_federation_key_rejected(robust_run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    run_dir, _, _ = robust_run
+    run_dir, keys, _ = robust_run
     init_scoring_keys(tmp_path / "other")
 
     code = _decrypt(run_dir, tmp_path / "other" / NODE_DIR, tmp_path / "m.pt")
@@ -133,6 +133,8 @@ def test_other_federation_key_rejected(robust_run, tmp_path: Path, capsys: pytes
     assert code == 2
     assert error.count("\n") == 1
     assert "does not match the key the model" in error
+    assert f"(fingerprint {scoring.read_scoring_secret_context(tmp_path / 'other' / NODE_DIR).fingerprint[:16]})" in error
+    assert f"(fingerprint {scoring.read_scoring_secret_context(keys / NODE_DIR).fingerprint[:16]})" in error
     assert not (tmp_path / "m.pt").exists()
 
 

@@ -141,6 +141,17 @@ class EncryptedDrift:
         return cls(fingerprint=public.fingerprint, length=length, chunks=chunks)
 
 
+def drift_fingerprint(data: bytes) -> str:
+    """Return the fingerprint of the scoring context that a serialized drift is under.
+
+    Raises
+    ------
+    MalformedBatchError
+        If ``data`` is not a serialized encrypted drift.
+    """
+    return _parse(data)[0]
+
+
 def _parse(data: bytes) -> tuple[str, int, list[tuple[int, int]], int]:
     """Return (fingerprint, length, [(chunk length, CRC)], offset of the first chunk)."""
     if not isinstance(data, bytes | bytearray) or len(data) < _HEADER.size:
