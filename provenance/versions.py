@@ -71,7 +71,8 @@ def _to_version(row: ModelVersionRow) -> ModelVersion:
         path=row.path,
         encrypted=row.encrypted,
         metrics=dict(row.metrics or {}),
-        created_at=row.created_at,
+        # SQLite returns the stored UTC time without its zone.
+        created_at=row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=timezone.utc),
     )
 
 

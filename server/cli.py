@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from crypto.ckks import params as ckks_presets
 
@@ -333,23 +334,59 @@ def _version_index(db: str):
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    """Print the model versions in the index."""
+    """Print the model versions in the index, as a table or as one JSON object per line."""
     from rich.console import Console
     from rich.table import Table
 
-    versions = _version_index(args.db).list(args.run)
+    index = _open_version_index(args.db)
+    if index is None:
+        return 2
+    versions = index.list(args.run)
+    index.close()
+    if args.format == "json":
+        for v in versions:
+            print(json.dumps(_version_record(v), sort_keys=True))
+        return 0
+
     table = Table(title="model versions")
     for column in ("run", "version", "parent", "round", "hash", "encrypted", "metrics", "created"):
         table.add_column(column)
     for v in versions:
         metrics = ", ".join(f"{k}={val:.4f}" for k, val in sorted(v.metrics.items()) if isinstance(val, float) and k != "num-examples")
         table.add_row(v.run_id[:12], str(v.version), str(v.parent or "-"), str(v.server_round), v.model_hash[:16], "yes" if v.encrypted else "no", metrics, v.created_at.strftime("%Y-%m-%d %H:%M:%S"))
-    Console().print(table)
+    # Rich assumes 80 columns when stdout is not a terminal, which crops the hash and metrics columns.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console.print(table)
     return 0
+
+
+def _version_record(version: Any) -> dict[str, Any]:
+    """Return one version as a JSON-ready dict, with its hash and metrics in full."""
+    return {
+        "run_id": version.run_id,
+        "version": version.version,
+        "parent": version.parent,
+        "round": version.server_round,
+        "model_hash": version.model_hash,
+        "encrypted": version.encrypted,
+        "path": version.path,
+        "metrics": version.metrics,
+        "created": version.created_at.isoformat(),
+    }
+
+
+def _open_version_index(db: str):
+    """Return the version index at ``db``, or None after printing why it cannot be opened."""
+    try:
+        return _version_index(db)
+    except (FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
 
 
 def _models_export(args: argparse.Namespace) -> int:
     """Copy one version's model file to ``--out`` after checking its hash."""
+    import pickle
     import shutil
 
     import torch
@@ -358,16 +395,31 @@ def _models_export(args: argparse.Namespace) -> int:
     from server.model_store import read_batch
     from strategies.he_fedavg import batch_digest
 
+    index = _open_version_index(args.db)
+    if index is None:
+        return 2
     try:
-        version = _version_index(args.db).get(args.version, args.run)
+        version = index.get(args.version, args.run)
     except KeyError as error:
         print(f"error: {error.args[0]}", file=sys.stderr)
         return 1
+    finally:
+        index.close()
+
     source = Path(version.path)
-    actual = batch_digest(read_batch(source)) if version.encrypted else state_hash(torch.load(source))
+    if not source.exists():
+        print(f"error: version {version.version}'s file {source} not found; it was moved or deleted after the run.", file=sys.stderr)
+        return 1
+    try:
+        actual = batch_digest(read_batch(source)) if version.encrypted else state_hash(torch.load(source))
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        print(f"error: {source} cannot be read as a model file ({error}); the file was changed or truncated.", file=sys.stderr)
+        return 1
     if actual != version.model_hash:
         print(f"error: {source} does not match its recorded hash {version.model_hash}; the file was changed.", file=sys.stderr)
         return 1
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, args.out)
     print(f"Version {version.version} (round {version.server_round}, {'encrypted' if version.encrypted else 'plaintext'}) exported to {args.out}")
     return 0
@@ -433,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = models_commands.add_parser("list", help="list global model versions")
     listing.add_argument("--db", required=True, help="SQLAlchemy URL of the version index, or a run directory")
     listing.add_argument("--run", help="only this run id")
+    listing.add_argument("--format", choices=("table", "json"), default="table", help="a table, or one JSON object per version and line (default: table)")
     listing.set_defaults(handler=_models_list)
 
     export = models_commands.add_parser("export", help="copy one model version to a file (hash-checked)")
