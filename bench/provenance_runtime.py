@@ -76,7 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=4, help="training rounds per run, the first not counted (default: 4)")
     parser.add_argument("--hidden", type=int, default=HIDDEN, help=f"hidden width of the fraud MLP (default: {HIDDEN}, about 1M parameters)")
     parser.add_argument("--runtime", choices=("simulation", "deployment"), default="simulation", help="Ray simulation (fedseal-train) or a local SuperLink with one SuperNode per node (fedseal deploy local); default: simulation")
-    parser.add_argument("--concurrency", type=int, default=2, help="ClientApps that run at once in the simulation (ray_cpus / client_cpus; default: 2)")
+    parser.add_argument(
+        "--concurrency", type=int, default=2,
+        help="cores that the nodes' work shares, the divisor of the 'as simulated' estimate; it does not change the runs "
+        "(default: 2, the ClientApps that the simulation runs at once on this machine)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the runs (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
@@ -84,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--rounds must be >= 2 (round 1 is not counted), got {args.rounds}")
     if min(args.nodes) < 1:
         parser.error(f"--nodes must all be >= 1, got {args.nodes}")
+    if args.concurrency < 1:
+        parser.error(f"--concurrency must be >= 1, got {args.concurrency}")
     return args
 
 

@@ -88,13 +88,6 @@ def _keys_init_problem(args: argparse.Namespace) -> str | None:
     return check_tls_arguments(args)
 
 
-def _has_node_keys(out: Path, num_nodes: int) -> bool:
-    """Tell whether every training node 0..N-1 already has a signing key under ``out``."""
-    from crypto import signing
-
-    return all((signing.node_key_dir(out / signing.SIGNING_DIR, node) / signing.PRIVATE_KEY_FILENAME).exists() for node in range(num_nodes))
-
-
 def _read_fingerprint(out: Path) -> str:
     path = out / "fingerprint.txt"
     return path.read_text(encoding="utf-8").strip() if path.exists() else "(unknown: no fingerprint.txt)"
@@ -111,8 +104,8 @@ def _keys_init(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    # --scoring or --validator on a folder that already has the aggregation key adds what they name and keeps the rest.
-    keep_ckks = (args.scoring or args.validator) and not args.overwrite and (out / NODE_DIR / SECRET_CONTEXT_FILENAME).exists()
+    # --scoring, --validator or --nodes on a folder that already has the aggregation key adds what they name and keeps the rest.
+    keep_ckks = (args.scoring or args.validator or args.nodes) and not args.overwrite and (out / NODE_DIR / SECRET_CONTEXT_FILENAME).exists()
     keep_scoring = args.validator and not args.overwrite and (out / NODE_DIR / SCORING_SECRET_CONTEXT_FILENAME).exists()
     try:
         fingerprint = _read_fingerprint(out) if keep_ckks else init_ckks_keys(out, args.preset, overwrite=args.overwrite)
@@ -138,29 +131,39 @@ def _signing_keys_init(args: argparse.Namespace) -> int:
     """Create the nodes' Ed25519 signing keys and register them."""
     from crypto.signing import SIGNING_DIR
     from provenance.registry import RegistryError
-    from server.keys import init_signing_keys, init_validator_signing_key
+    from server.keys import init_signing_keys
 
     out = Path(args.out)
     try:
-        if args.validator and not args.overwrite and _has_node_keys(out, args.nodes):
-            # The sites' keys exist: add only the validator's key, which the missing-validator error requests.
-            nodes = [init_validator_signing_key(out, args.nodes, args.db)]
-        else:
-            nodes = init_signing_keys(out, args.nodes, args.db, args.org, overwrite=args.overwrite, validator=args.validator)
+        # Without --overwrite, nodes that have a key keep it and only the missing keys are made.
+        nodes = init_signing_keys(out, args.nodes, args.db, args.org, overwrite=args.overwrite, validator=args.validator, add_missing=True)
     except (FileExistsError, ValueError, RegistryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"Ed25519 signing keys for {len(nodes)} node{'' if len(nodes) == 1 else 's'} in {Path(args.out) / SIGNING_DIR} (install node-<id>/signing.key on that site only)")
-    if args.validator:
+    if args.validator and any(node.node_id == args.nodes for node in nodes):
         print(f"  node {args.nodes} is the he_robust trust validator: install its key where the validator SuperNode runs (partition-id={args.nodes})")
     _print_nodes(nodes)
     return 0
 
 
-def _open_registry(url: str):
-    """Return the registry at ``url``, or None after printing why it cannot be opened."""
-    from provenance.registry import NodeRegistry, RegistryError
+def _open_registry(db: str):
+    """Return the existing registry at ``db``, or None after printing why it cannot be opened.
 
+    ``db`` is a SQLAlchemy URL, a key folder that contains ``registry.sqlite``,
+    or the path of an SQLite file. An SQLite file must exist, so that a
+    mistyped path reports an error instead of creating an empty registry.
+    """
+    from provenance.registry import DEFAULT_FILENAME, NodeRegistry, RegistryError, sqlite_url
+
+    if "://" in db:
+        url, path = db, Path(db[len("sqlite:///") :]) if db.startswith("sqlite:///") else None
+    else:
+        path = Path(db) / DEFAULT_FILENAME if Path(db).is_dir() else Path(db)
+        url = sqlite_url(path)
+    if path is not None and str(path) != ":memory:" and not path.is_file():
+        print(f"error: node registry {path} not found; pass the folder or URL that `fedseal keys init --out DIR --nodes N` wrote (DIR/{DEFAULT_FILENAME}).", file=sys.stderr)
+        return None
     try:
         return NodeRegistry(url)
     except RegistryError as error:
@@ -169,10 +172,11 @@ def _open_registry(url: str):
 
 
 def _print_nodes(nodes: list) -> None:
-    print(f"{'id':>5}  {'status':<11}  {'organisation':<20}  {'accepted':>8}  {'rejected':>8}  {'updated (UTC)':<19}  public key")
+    print(f"{'id':>5}  {'status':<11}  {'organisation':<20}  {'accepted':>8}  {'rejected':>8}  {'created (UTC)':<19}  {'updated (UTC)':<19}  public key")
     for node in nodes:
+        created = node.created_at.strftime("%Y-%m-%d %H:%M:%S")
         updated = node.updated_at.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{node.node_id:>5}  {node.status:<11}  {node.organisation:<20}  {node.accepted:>8}  {node.rejected:>8}  {updated:<19}  {node.public_key}")
+        print(f"{node.node_id:>5}  {node.status:<11}  {node.organisation:<20}  {node.accepted:>8}  {node.rejected:>8}  {created:<19}  {updated:<19}  {node.public_key}")
 
 
 def _nodes_list(args: argparse.Namespace) -> int:
@@ -443,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="key material")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
-    init = keys_commands.add_parser("init", help="create CKKS contexts: server/ (public) and node/ (secret)")
+    init = keys_commands.add_parser("init", help="create CKKS contexts (server/ public, node/ secret) and, with --nodes, signing keys and the node registry")
     init.add_argument("--out", required=True, help="folder to write the keys to")
     init.add_argument("--preset", default=ckks_presets.DEFAULT_PRESET, choices=sorted(ckks_presets.PRESETS), help=f"CKKS parameter preset (default: {ckks_presets.DEFAULT_PRESET})")
     init.add_argument("--overwrite", action="store_true", help="replace existing keys (old encrypted models become unreadable)")
@@ -461,11 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     nodes = commands.add_parser("nodes", help="the node registry")
     nodes_commands = nodes.add_subparsers(dest="nodes_command", required=True)
     nodes_list = nodes_commands.add_parser("list", help="print the registered nodes")
-    nodes_list.add_argument("--db", required=True, help="SQLAlchemy URL of the node registry, e.g. sqlite:////path/registry.sqlite")
+    nodes_list.add_argument("--db", required=True, help="SQLAlchemy URL of the node registry (e.g. sqlite:////path/registry.sqlite), or the key folder that contains registry.sqlite")
     nodes_list.set_defaults(handler=_nodes_list)
     revoke = nodes_commands.add_parser("revoke", help="revoke a node: the server rejects its updates")
     revoke.add_argument("node_id", type=int, help="the node id (its partition id)")
-    revoke.add_argument("--db", required=True, help="SQLAlchemy URL of the node registry")
+    revoke.add_argument("--db", required=True, help="SQLAlchemy URL of the node registry, or the key folder that contains registry.sqlite")
     revoke.set_defaults(handler=_nodes_revoke)
 
     audit = commands.add_parser("audit", help="audit logs")

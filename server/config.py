@@ -113,6 +113,56 @@ def validate_config(cfg: DictConfig) -> None:
     if str(cfg.strategy.name) == "he_robust":
         validate_he_robust(cfg)
     _validate_keys_dir(cfg)
+    _validate_registry_location(cfg)
+
+
+def _validate_registry_location(cfg: DictConfig) -> None:
+    """Check that the SQLite node registry that signature checks will open exists, so a typo does not create an empty one.
+
+    A registry at a server URL (PostgreSQL) is checked when the run opens it.
+    """
+    provenance = cfg.get("provenance")
+    if provenance is None or not provenance.get("signatures", False):
+        return
+    if provenance.get("registry_url"):
+        url = str(provenance.registry_url)
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not Path(url[len("sqlite:///") :]).is_file():
+            raise ConfigError(
+                f"Invalid setting provenance.registry_url={url}: the SQLite file {url[len('sqlite:///'):]} does not exist, so no node could sign. "
+                "Create it with `fedseal keys init --out DIR --nodes N --db URL`, or fix the path."
+            )
+        return
+    keys_dir = provenance.get("keys_dir")
+    if keys_dir and not (Path(str(keys_dir)) / "registry.sqlite").is_file():
+        raise ConfigError(
+            f"Invalid setting provenance.keys_dir={keys_dir}: {Path(str(keys_dir)) / 'registry.sqlite'} is missing, so no node is registered. "
+            f"Create the node keys with `fedseal keys init --out {keys_dir} --nodes N`, or set provenance.keys_dir=null "
+            "(a simulation then makes fresh keys)."
+        )
+
+
+def check_simulation_signing_keys(cfg: DictConfig, supernodes: int) -> None:
+    """Check that ``provenance.keys_dir`` has a signing key for each of the simulation's ``supernodes`` partitions.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first partition without a key and the command that creates it.
+    """
+    provenance = cfg.get("provenance")
+    if provenance is None or not provenance.get("signatures", False) or not provenance.get("keys_dir"):
+        return
+    from crypto import signing
+
+    root = Path(str(provenance.keys_dir)) / signing.SIGNING_DIR
+    for partition in range(supernodes):
+        path = signing.node_key_dir(root, partition) / signing.PRIVATE_KEY_FILENAME
+        if not path.is_file():
+            raise ConfigError(
+                f"Invalid setting provenance.keys_dir={provenance.keys_dir}: {path} is missing, but the simulation runs {supernodes} nodes "
+                f"(partitions 0 to {supernodes - 1}). Create the keys with `fedseal keys init --out {provenance.keys_dir} --nodes {supernodes}`, "
+                f"or run with nodes={partition}."
+            )
 
 
 def _validate_keys_dir(cfg: DictConfig) -> None:

@@ -122,6 +122,7 @@ def init_signing_keys(
     organisations: list[str] | None = None,
     overwrite: bool = False,
     validator: bool = False,
+    add_missing: bool = False,
 ) -> list[NodeInfo]:
     """Create an Ed25519 key pair per node under ``out_dir/signing`` and register the public keys.
 
@@ -140,13 +141,22 @@ def init_signing_keys(
     validator : bool
         Also create the validator's key as node ``num_nodes``, labelled
         ``validator`` (``strategy=he_robust strategy.rule=trust``).
+    add_missing : bool
+        Keep the nodes' existing keys and create only the missing ones, to
+        add nodes to a federation. Ignored with ``overwrite``.
+
+    Returns
+    -------
+    list of NodeInfo
+        The registry entries of the keys created.
 
     Raises
     ------
     ValueError
         If ``num_nodes`` < 1 or the number of labels is neither 1 nor ``num_nodes``.
     FileExistsError
-        If a node's key exists and ``overwrite`` is False.
+        If a node's key exists and neither ``overwrite`` nor ``add_missing``
+        is set, or if with ``add_missing`` every node already has a key.
     provenance.registry.RegistryError
         If the registry cannot be opened, or contains another key for a node
         and ``overwrite`` is False.
@@ -161,9 +171,13 @@ def init_signing_keys(
     node_ids = range(num_nodes + 1 if validator else num_nodes)
     folders = [signing.node_key_dir(out_dir / signing.SIGNING_DIR, node_id) for node_id in node_ids]
     existing = [folder / signing.PRIVATE_KEY_FILENAME for folder in folders if (folder / signing.PRIVATE_KEY_FILENAME).exists()]
-    if existing and not overwrite:
-        # Checked before writing anything, so a refused call leaves no half-made key set.
+    # Checked before writing anything, so a rejected call leaves no half-made key set.
+    if existing and not overwrite and not add_missing:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the nodes' signing keys.")
+    if add_missing and not overwrite:
+        node_ids = [node_id for node_id, folder in zip(node_ids, folders) if not (folder / signing.PRIVATE_KEY_FILENAME).exists()]
+        if not node_ids:
+            raise FileExistsError(f"Every node already has a signing key in {out_dir / signing.SIGNING_DIR}; pass --overwrite to replace them.")
 
     registry = NodeRegistry(registry_url or sqlite_url(out_dir / DEFAULT_FILENAME))
     try:

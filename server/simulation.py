@@ -40,10 +40,11 @@ def run_in_simulation(cfg: DictConfig, run_dir: Path) -> dict:
         If the ServerApp did not write ``summary.json`` (the run failed; the
         cause is in the log above).
     """
-    from server.config import validate_config
+    from server.config import check_simulation_signing_keys, validate_config
 
     # Fail on a bad setting before keys are made and Ray starts.
     validate_config(cfg)
+    check_simulation_signing_keys(cfg, simulated_supernodes(cfg))
     keep_local()
     from flwr.simulation import run_simulation
 

@@ -168,7 +168,7 @@ class SignatureVerification(Strategy):
     def _payload_hashes(self, replies: list[Message]) -> tuple[list[PayloadHash], dict[str, float]]:
         """Return each reply's payload hash, taking those the grid started on arrival and computing the rest.
 
-        The dict counts the replies hashed on arrival (``prehashed``) and the
+        The dict counts the update replies hashed on arrival (``prehashed``, error replies left out) and the
         hashing CPU seconds summed over all replies and threads (``busy_s``),
         including hashing that ran while the server still waited.
         """
@@ -176,7 +176,8 @@ class SignatureVerification(Strategy):
         missing = [reply for reply, result in zip(replies, prehashed) if result is None]
         computed = iter(timed_payload_hashes(missing))
         results = [result if result is not None else next(computed) for result in prehashed]
-        stats = {"prehashed": float(len(replies) - len(missing)), "busy_s": sum(seconds for _, seconds in results)}
+        arrived = sum(result is not None and not reply.has_error() for reply, result in zip(replies, prehashed))
+        stats = {"prehashed": float(arrived), "busy_s": sum(seconds for _, seconds in results)}
         return [payload for payload, _ in results], stats
 
     def _report_cost(self, server_round: int, started: float, hashes: dict[str, float]) -> None:

@@ -248,3 +248,61 @@ def test_cli_bad_database_exits_2(capsys: pytest.CaptureFixture) -> None:
     assert code == 2
     assert "Cannot open the node registry" in err
     assert "hidden" not in err
+
+
+def test_cli_keys_init_adds_nodes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "keys"
+    assert cli_main(["keys", "init", "--out", str(out), "--nodes", "2"]) == 0
+    first_key = (out / "signing" / "node-0" / "signing.key").read_bytes()
+    fingerprint = (out / "fingerprint.txt").read_text()
+    capsys.readouterr()
+
+    code = cli_main(["keys", "init", "--out", str(out), "--nodes", "4"])
+
+    output = capsys.readouterr().out
+    assert code == 0
+    assert "CKKS keys kept" in output
+    assert "Ed25519 signing keys for 2 nodes" in output
+    assert (out / "signing" / "node-0" / "signing.key").read_bytes() == first_key
+    assert (out / "fingerprint.txt").read_text() == fingerprint
+    registry = NodeRegistry(sqlite_url(out / "registry.sqlite"))
+    nodes = registry.list_nodes()
+    registry.close()
+    assert [node.node_id for node in nodes] == [0, 1, 2, 3]
+    for node in nodes:
+        key = signing.load_private_key(out / "signing" / f"node-{node.node_id}" / "signing.key")
+        assert signing.public_key_hex(key) == node.public_key
+
+
+def test_cli_keys_init_nothing_to_add(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "keys"
+    assert cli_main(["keys", "init", "--out", str(out), "--nodes", "2"]) == 0
+    capsys.readouterr()
+
+    code = cli_main(["keys", "init", "--out", str(out), "--nodes", "2"])
+
+    assert code == 1
+    assert f"error: Every node already has a signing key in {out / 'signing'}; pass --overwrite to replace them." in capsys.readouterr().err
+
+
+def test_cli_missing_sqlite_not_created(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "typo" / "registry.sqlite"
+
+    code = cli_main(["nodes", "list", "--db", sqlite_url(missing)])
+
+    assert code == 2
+    assert f"error: node registry {missing} not found" in capsys.readouterr().err
+    assert not missing.parent.exists()
+
+
+def test_cli_list_accepts_key_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "keys"
+    assert cli_main(["keys", "init", "--out", str(out), "--nodes", "2"]) == 0
+    capsys.readouterr()
+
+    code = cli_main(["nodes", "list", "--db", str(out)])
+
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert "created (UTC)" in lines[0]
+    assert [line.split()[:3] for line in lines[1:]] == [["0", "active", "site-0"], ["1", "active", "site-1"]]

@@ -543,3 +543,20 @@ def test_replies_from_other_grid_hashed_on_request(federation: Federation) -> No
     assert sink.lines[0]["prehashed"] == 0
     assert len(_events(federation.audit.path, "update_accepted")) == 3
     grid.close()
+
+
+def test_prehashed_counts_updates_only(federation: Federation) -> None:
+    sink = CostSink()
+    federation.strategy.sink = sink
+    scripted = ScriptedGrid(FLOWER_IDS.values(), [])
+    grid = ArrivalHashingGrid(scripted)
+    messages = list(federation.strategy.configure_train(1, ArrayRecord(_state(0)), ConfigRecord({}), grid))
+    sent = {message.metadata.dst_node_id: message for message in messages}
+    scripted.batches = [[_signed(federation, sent, 0, _state(1), 1), make_reply(FLOWER_IDS[1], error="node crashed"), _signed(federation, sent, 2, _state(3), 1)]]
+
+    replies = list(grid.send_and_receive(messages, timeout=None))
+    arrays, _ = federation.strategy.aggregate_train(1, replies)
+
+    _assert_model(arrays, _mean(_state(1), _state(3)))
+    assert sink.lines[0]["prehashed"] == 2
+    grid.close()

@@ -64,3 +64,42 @@ def test_run_with_one_reply_passes(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
 
     check_some_training(tmp_path)
+
+
+def test_empty_keys_dir_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+
+    result = _train(tmp_path, str(tmp_path), "nodes=2", f"provenance.keys_dir={tmp_path / 'empty'}")
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert f"Invalid setting provenance.keys_dir={tmp_path / 'empty'}: {tmp_path / 'empty' / 'registry.sqlite'} is missing" in output
+    assert f"`fedseal keys init --out {tmp_path / 'empty'} --nodes N`" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "empty" / "registry.sqlite").exists()
+
+
+def test_missing_registry_file_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'typo.sqlite'}"
+
+    result = _train(tmp_path, str(tmp_path), "nodes=2", f"provenance.registry_url={url}")
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert f"Invalid setting provenance.registry_url={url}: the SQLite file {tmp_path / 'typo.sqlite'} does not exist" in output
+    assert not (tmp_path / "typo.sqlite").exists()
+
+
+def test_fewer_keys_than_nodes_one_line(tmp_path: Path) -> None:
+    from server.cli import main as cli_main
+
+    keys = tmp_path / "keys"
+    assert cli_main(["keys", "init", "--out", str(keys), "--nodes", "2"]) == 0
+
+    result = _train(tmp_path, str(tmp_path), "nodes=3", f"provenance.keys_dir={keys}")
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert f"{keys / 'signing' / 'node-2' / 'signing.key'} is missing, but the simulation runs 3 nodes (partitions 0 to 2)" in output
+    assert f"`fedseal keys init --out {keys} --nodes 3`" in output
+    assert "Traceback" not in output
