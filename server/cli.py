@@ -211,6 +211,25 @@ def _nodes_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nodes_set_status(args: argparse.Namespace) -> int:
+    """Set a node's status, e.g. to reinstate a revoked or quarantined node; exit 1 if the id is unknown."""
+    from provenance.registry import UnknownNodeError
+
+    registry = _open_registry(args.db)
+    if registry is None:
+        return 2
+    try:
+        node = registry.set_status(args.node_id, args.status)
+    except UnknownNodeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        registry.close()
+    effect = "the server accepts its signed updates" if args.status == "active" else "the server rejects its updates"
+    print(f"Node {node.node_id} ({node.organisation}) is {node.status}; {effect} from the next round on.")
+    return 0
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
     """Re-check an audit log's hash chain, then its update signatures; exit 1 and name the first bad line."""
     from provenance.audit import verify_chain
@@ -471,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("node_id", type=int, help="the node id (its partition id)")
     revoke.add_argument("--db", required=True, help="SQLAlchemy URL of the node registry, or the key folder that contains registry.sqlite")
     revoke.set_defaults(handler=_nodes_revoke)
+    set_status = nodes_commands.add_parser("set-status", help="set a node's status: active (reinstate), quarantined or revoked")
+    set_status.add_argument("node_id", type=int, help="the node id (its partition id)")
+    set_status.add_argument("status", choices=("active", "quarantined", "revoked"), help="the new status")
+    set_status.add_argument("--db", required=True, help="SQLAlchemy URL of the node registry, or the key folder that contains registry.sqlite")
+    set_status.set_defaults(handler=_nodes_set_status)
 
     audit = commands.add_parser("audit", help="audit logs")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)

@@ -306,3 +306,23 @@ def test_cli_list_accepts_key_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 0
     assert "created (UTC)" in lines[0]
     assert [line.split()[:3] for line in lines[1:]] == [["0", "active", "site-0"], ["1", "active", "site-1"]]
+
+
+def test_cli_set_status_reinstates(registry_url: str, capsys: pytest.CaptureFixture) -> None:
+    registry = NodeRegistry(registry_url)
+    registry.register(0, KEY_A, "bank")
+    registry.close()
+    assert cli_main(["nodes", "revoke", "0", "--db", registry_url]) == 0
+
+    quarantined = cli_main(["nodes", "set-status", "0", "quarantined", "--db", registry_url])
+    reinstated = cli_main(["nodes", "set-status", "0", "active", "--db", registry_url])
+    unknown = cli_main(["nodes", "set-status", "5", "active", "--db", registry_url])
+
+    captured = capsys.readouterr()
+    assert (quarantined, reinstated, unknown) == (0, 0, 1)
+    assert "Node 0 (bank) is quarantined; the server rejects its updates from the next round on." in captured.out
+    assert "Node 0 (bank) is active; the server accepts its signed updates from the next round on." in captured.out
+    assert "Node 5 is not registered" in captured.err
+    registry = NodeRegistry(registry_url)
+    assert registry.get(0).status == "active"
+    registry.close()
