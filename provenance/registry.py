@@ -221,11 +221,17 @@ class NodeRegistry:
             row = session.get(NodeRow, int(node_id))
             if row is None:
                 raise UnknownNodeError(f"Node {node_id} is not registered in {self.url}; `fedseal nodes list --db URL` shows the registered ids.")
-            row.status = status
-            row.updated_at = _now()
-            session.flush()
+            unchanged = row.status == status
+            if not unchanged:
+                # The updated time records the last real change, so a repeated command leaves it alone.
+                row.status = status
+                row.updated_at = _now()
+                session.flush()
             info = NodeInfo.from_row(row)
-        logger.info("Node %d is now %s in %s", info.node_id, status, self.url)
+        if unchanged:
+            logger.info("Node %d is already %s in %s", info.node_id, status, self.url)
+        else:
+            logger.info("Node %d is now %s in %s", info.node_id, status, self.url)
         return info
 
     def revoke(self, node_id: int) -> NodeInfo:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable
 from typing import Protocol
@@ -154,13 +155,22 @@ def order_replies(replies: Iterable[Message]) -> list[Message]:
     return sorted(known, key=lambda m: partition_of(m)) + unknown
 
 
+# Terminal colour codes (ESC [ ... m) that Ray puts into the error text of a failed ClientApp.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def strip_ansi(text: str) -> str:
+    """Return ``text`` without terminal colour codes, for logs and metrics files."""
+    return _ANSI_ESCAPE.sub("", text)
+
+
 def per_node_metrics(replies: list[Message]) -> tuple[dict[int, dict[str, float]], list[str]]:
     """Split replies into {partition id: metrics} and a list of failure reasons."""
     nodes: dict[int, dict[str, float]] = {}
     failures: list[str] = []
     for message in replies:
         if message.has_error():
-            failures.append(f"node {message.metadata.src_node_id}: {message.error.reason}")
+            failures.append(f"node {message.metadata.src_node_id}: {strip_ansi(message.error.reason)}")
             continue
         partition_id = partition_of(message)
         records = message.content.metric_records

@@ -49,6 +49,14 @@ def test_per_node_metrics_and_failures() -> None:
     assert failures == ["node 70: node crashed"]
 
 
+def test_failures_without_colour_codes() -> None:
+    reason = "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1) FileNotFoundError: \x1b[1;31mkey missing\x1b[0m"
+
+    _, failures = per_node_metrics([make_reply(70, error=reason)])
+
+    assert failures == ["node 70: ray::ClientAppActor.run() (pid=1) FileNotFoundError: key missing"]
+
+
 def test_finite_average_skips_nan() -> None:
     records = [
         RecordDict({"metrics": MetricRecord({"num-examples": 1.0, "roc_auc": 0.5, "f1": 0.2})}),

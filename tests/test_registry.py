@@ -326,3 +326,15 @@ def test_cli_set_status_reinstates(registry_url: str, capsys: pytest.CaptureFixt
     registry = NodeRegistry(registry_url)
     assert registry.get(0).status == "active"
     registry.close()
+
+
+def test_repeated_revoke_keeps_updated_time(registry_url: str) -> None:
+    registry = NodeRegistry(registry_url)
+    registry.register(0, KEY_A, "bank")
+    first = registry.revoke(0)
+
+    again = registry.revoke(0)
+
+    assert again.status == "revoked"
+    assert again.updated_at == first.updated_at
+    registry.close()
