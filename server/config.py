@@ -157,6 +157,11 @@ def check_simulation_signing_keys(cfg: DictConfig, supernodes: int) -> None:
     root = Path(str(provenance.keys_dir)) / signing.SIGNING_DIR
     for partition in range(supernodes):
         path = signing.node_key_dir(root, partition) / signing.PRIVATE_KEY_FILENAME
+        if not path.is_file() and partition == int(cfg.nodes):
+            raise ConfigError(
+                f"Invalid setting provenance.keys_dir={provenance.keys_dir}: {path} is missing, but strategy.rule=trust runs the validator "
+                f"as node {partition}. Add its key with `fedseal keys init --out {provenance.keys_dir} --nodes {partition} --validator`."
+            )
         if not path.is_file():
             raise ConfigError(
                 f"Invalid setting provenance.keys_dir={provenance.keys_dir}: {path} is missing, but the simulation runs {supernodes} nodes "

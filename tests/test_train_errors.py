@@ -103,3 +103,20 @@ def test_fewer_keys_than_nodes_one_line(tmp_path: Path) -> None:
     assert f"{keys / 'signing' / 'node-2' / 'signing.key'} is missing, but the simulation runs 3 nodes (partitions 0 to 2)" in output
     assert f"`fedseal keys init --out {keys} --nodes 3`" in output
     assert "Traceback" not in output
+
+
+def test_missing_validator_key_named(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from server.cli import main as cli_main
+    from server.config import ConfigError, check_simulation_signing_keys
+
+    keys = tmp_path / "keys"
+    assert cli_main(["keys", "init", "--out", str(keys), "--nodes", "3"]) == 0
+    cfg = OmegaConf.create({"nodes": 3, "provenance": {"signatures": True, "keys_dir": str(keys)}})
+
+    with pytest.raises(ConfigError) as raised:
+        check_simulation_signing_keys(cfg, 4)
+
+    assert f"{keys / 'signing' / 'node-3' / 'signing.key'} is missing, but strategy.rule=trust runs the validator as node 3" in str(raised.value)
+    assert f"`fedseal keys init --out {keys} --nodes 3 --validator`" in str(raised.value)
