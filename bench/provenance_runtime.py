@@ -14,12 +14,12 @@ From each run's ``metrics.jsonl`` it reads, per training round:
 
 - the round time: the server's wait for the replies plus the aggregation
   (``cost`` lines, phase ``cost``, event ``train``);
-- the server's provenance seconds (phase ``provenance``): ``server_s`` is
-  what the server adds to the round itself, that is the base-version hash in
+- the server's provenance seconds (phase ``provenance``). ``server_s`` is
+  what the server adds to the round itself: the base-version hash in
   ``configure_train``, the wait for payload hashes still running when the
   replies are in, the signature checks, the audit entries and the registry
-  access; ``payload_hash_busy_s`` is the CPU time of all payload hashing,
-  most of it done while the server still waited for replies
+  access. ``payload_hash_busy_s`` is the CPU time of all payload hashing.
+  Most of it runs while the server still waits for replies
   (``ArrivalHashingGrid``);
 - every node's ``sign_seconds`` (hash of the received model, hash of the
   update, Ed25519 signature).

@@ -120,6 +120,14 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).expanduser().resolve()}"
 
 
+def sqlite_path(url: str) -> Path | None:
+    """Return the file of an ``sqlite:///`` URL, or None for in-memory SQLite and other databases."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url[len(prefix) :] in ("", ":memory:"):
+        return None
+    return Path(url[len(prefix) :])
+
+
 def redact(url: str | URL) -> str:
     """Return ``url`` with any password replaced by ``***``, for messages and logs."""
     try:

@@ -154,14 +154,14 @@ def _open_registry(db: str):
     or the path of an SQLite file. An SQLite file must exist, so that a
     mistyped path reports an error instead of creating an empty registry.
     """
-    from provenance.registry import DEFAULT_FILENAME, NodeRegistry, RegistryError, sqlite_url
+    from provenance.registry import DEFAULT_FILENAME, NodeRegistry, RegistryError, sqlite_path, sqlite_url
 
     if "://" in db:
-        url, path = db, Path(db[len("sqlite:///") :]) if db.startswith("sqlite:///") else None
+        url, path = db, sqlite_path(db)
     else:
         path = Path(db) / DEFAULT_FILENAME if Path(db).is_dir() else Path(db)
         url = sqlite_url(path)
-    if path is not None and str(path) != ":memory:" and not path.is_file():
+    if path is not None and not path.is_file():
         print(f"error: node registry {path} not found; pass the folder or URL that `fedseal keys init --out DIR --nodes N` wrote (DIR/{DEFAULT_FILENAME}).", file=sys.stderr)
         return None
     try:
@@ -195,20 +195,10 @@ def _nodes_list(args: argparse.Namespace) -> int:
 
 def _nodes_revoke(args: argparse.Namespace) -> int:
     """Revoke a node so the server rejects its updates; exit 1 if the id is unknown."""
-    from provenance.registry import UnknownNodeError
+    from provenance.registry import REVOKED
 
-    registry = _open_registry(args.db)
-    if registry is None:
-        return 2
-    try:
-        node = registry.revoke(args.node_id)
-    except UnknownNodeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        registry.close()
-    print(f"Node {node.node_id} ({node.organisation}) is revoked; the server rejects its updates from the next round on.")
-    return 0
+    args.status = REVOKED
+    return _nodes_set_status(args)
 
 
 def _nodes_set_status(args: argparse.Namespace) -> int:
@@ -490,9 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("node_id", type=int, help="the node id (its partition id)")
     revoke.add_argument("--db", required=True, help="SQLAlchemy URL of the node registry, or the key folder that contains registry.sqlite")
     revoke.set_defaults(handler=_nodes_revoke)
+    from provenance.registry import STATUSES
+
     set_status = nodes_commands.add_parser("set-status", help="set a node's status: active (reinstate), quarantined or revoked")
     set_status.add_argument("node_id", type=int, help="the node id (its partition id)")
-    set_status.add_argument("status", choices=("active", "quarantined", "revoked"), help="the new status")
+    set_status.add_argument("status", choices=STATUSES, help="the new status")
     set_status.add_argument("--db", required=True, help="SQLAlchemy URL of the node registry, or the key folder that contains registry.sqlite")
     set_status.set_defaults(handler=_nodes_set_status)
 

@@ -121,21 +121,26 @@ def _validate_registry_location(cfg: DictConfig) -> None:
 
     A registry at a server URL (PostgreSQL) is checked when the run opens it.
     """
+    from provenance.registry import DEFAULT_FILENAME, sqlite_path
+
     provenance = cfg.get("provenance")
     if provenance is None or not provenance.get("signatures", False):
         return
     if provenance.get("registry_url"):
         url = str(provenance.registry_url)
-        if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not Path(url[len("sqlite:///") :]).is_file():
+        path = sqlite_path(url)
+        if path is not None and not path.is_file():
             raise ConfigError(
-                f"Invalid setting provenance.registry_url={url}: the SQLite file {url[len('sqlite:///'):]} does not exist, so no node could sign. "
+                f"Invalid setting provenance.registry_url={url}: the SQLite file {path} does not exist, so no node could sign. "
                 "Create it with `fedseal keys init --out DIR --nodes N --db URL`, or fix the path."
             )
         return
+
     keys_dir = provenance.get("keys_dir")
-    if keys_dir and not (Path(str(keys_dir)) / "registry.sqlite").is_file():
+    registry = Path(str(keys_dir)) / DEFAULT_FILENAME if keys_dir else None
+    if registry is not None and not registry.is_file():
         raise ConfigError(
-            f"Invalid setting provenance.keys_dir={keys_dir}: {Path(str(keys_dir)) / 'registry.sqlite'} is missing, so no node is registered. "
+            f"Invalid setting provenance.keys_dir={keys_dir}: {registry} is missing, so no node is registered. "
             f"Create the node keys with `fedseal keys init --out {keys_dir} --nodes N`, or set provenance.keys_dir=null "
             "(a simulation then makes fresh keys)."
         )
@@ -143,6 +148,8 @@ def _validate_registry_location(cfg: DictConfig) -> None:
 
 def check_simulation_signing_keys(cfg: DictConfig, supernodes: int) -> None:
     """Check that ``provenance.keys_dir`` has a signing key for each of the simulation's ``supernodes`` partitions.
+
+    Partitions from ``nodes`` on are the validator of ``strategy=he_robust strategy.rule=trust``.
 
     Raises
     ------
@@ -154,20 +161,24 @@ def check_simulation_signing_keys(cfg: DictConfig, supernodes: int) -> None:
         return
     from crypto import signing
 
-    root = Path(str(provenance.keys_dir)) / signing.SIGNING_DIR
+    keys_dir = provenance.keys_dir
+    nodes = int(cfg.nodes)
+    root = Path(str(keys_dir)) / signing.SIGNING_DIR
     for partition in range(supernodes):
         path = signing.node_key_dir(root, partition) / signing.PRIVATE_KEY_FILENAME
-        if not path.is_file() and partition == int(cfg.nodes):
+        if path.is_file():
+            continue
+        if partition >= nodes:
             raise ConfigError(
-                f"Invalid setting provenance.keys_dir={provenance.keys_dir}: {path} is missing, but strategy.rule=trust runs the validator "
-                f"as node {partition}. Add its key with `fedseal keys init --out {provenance.keys_dir} --nodes {partition} --validator`."
+                f"Invalid setting provenance.keys_dir={keys_dir}: {path} is missing, but strategy.rule=trust runs the validator "
+                f"as node {partition}. Add its key with `fedseal keys init --out {keys_dir} --nodes {nodes} --validator`."
             )
-        if not path.is_file():
-            raise ConfigError(
-                f"Invalid setting provenance.keys_dir={provenance.keys_dir}: {path} is missing, but the simulation runs {supernodes} nodes "
-                f"(partitions 0 to {supernodes - 1}). Create the keys with `fedseal keys init --out {provenance.keys_dir} --nodes {supernodes}`, "
-                f"or run with nodes={partition}."
-            )
+        validator = " --validator" if supernodes > nodes else ""
+        raise ConfigError(
+            f"Invalid setting provenance.keys_dir={keys_dir}: {path} is missing, but the simulation runs {nodes} nodes "
+            f"(partitions 0 to {nodes - 1}). Create the keys with `fedseal keys init --out {keys_dir} --nodes {nodes}{validator}`, "
+            f"or run with nodes={partition}."
+        )
 
 
 def _validate_keys_dir(cfg: DictConfig) -> None:

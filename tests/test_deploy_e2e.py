@@ -41,6 +41,24 @@ def _deploy(state: Path, data_root: Path, arguments: list[str], timeout_s: float
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
 
+def _deploy_to_end(state: Path, data_root: Path, arguments: list[str], timeout_s: float = 600) -> tuple[subprocess.Popen, str, dict[int, str]]:
+    """Run ``fedseal deploy local`` to its end; return the process, its output and the processes still running for ``state``.
+
+    Fails the test when the command runs longer than ``timeout_s``, and always stops what is left.
+    """
+    process = _deploy(state, data_root, arguments, timeout_s)
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+        leftovers = lingering_processes(state)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=90)
+        pytest.fail(f"fedseal deploy local did not finish in {timeout_s:.0f} s:\n{output[-4000:]}")
+    finally:
+        stop_pids(processes_using(state))
+    return process, output, leftovers
+
+
 def _pooled_roc_auc(state: dict, data_root: Path) -> float:
     cfg = compose_config(["strategy=he_fedavg", "nodes=3", f"data.root={data_root}"])
     spec = task_spec(cfg)
@@ -52,16 +70,7 @@ def _pooled_roc_auc(state: dict, data_root: Path) -> float:
 @pytest.mark.e2e
 def test_deploy_local_tls_encrypted(tmp_path: Path, data_root: Path) -> None:
     state = tmp_path / "state"
-    process = _deploy(state, data_root, ["--nodes", "3", "--timeout", "480", "--", *OVERRIDES], 600)
-    try:
-        output, _ = process.communicate(timeout=600)
-        leftovers = lingering_processes(state)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=90)
-        pytest.fail(f"fedseal deploy local did not finish in 600 s:\n{output[-4000:]}")
-    finally:
-        stop_pids(processes_using(state))
+    process, output, leftovers = _deploy_to_end(state, data_root, ["--nodes", "3", "--timeout", "480", "--", *OVERRIDES])
 
     assert process.returncode == 0, output[-6000:]
     assert leftovers == {}
@@ -115,16 +124,7 @@ def test_deploy_local_tls_encrypted(tmp_path: Path, data_root: Path) -> None:
 def test_deploy_local_he_robust_trust_validator(tmp_path: Path, data_root: Path) -> None:
     state = tmp_path / "state"
     overrides = ["strategy=he_robust", "strategy.rule=trust", "rounds=2", "data.holdout=200"]
-    process = _deploy(state, data_root, ["--nodes", "3", "--timeout", "480", "--", *overrides], 600)
-    try:
-        output, _ = process.communicate(timeout=600)
-        leftovers = lingering_processes(state)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=90)
-        pytest.fail(f"fedseal deploy local did not finish in 600 s:\n{output[-4000:]}")
-    finally:
-        stop_pids(processes_using(state))
+    process, output, leftovers = _deploy_to_end(state, data_root, ["--nodes", "3", "--timeout", "480", "--", *overrides])
 
     assert process.returncode == 0, output[-6000:]
     assert leftovers == {}

@@ -26,6 +26,7 @@ from provenance.registry import (
     RegistryError,
     UnknownNodeError,
     redact,
+    sqlite_path,
     sqlite_url,
 )
 from server.cli import main as cli_main
@@ -338,3 +339,11 @@ def test_repeated_revoke_keeps_updated_time(registry_url: str) -> None:
     assert again.status == "revoked"
     assert again.updated_at == first.updated_at
     registry.close()
+
+
+def test_sqlite_path_of_urls(tmp_path: Path) -> None:
+    assert sqlite_path(sqlite_url(tmp_path / "registry.sqlite")) == tmp_path / "registry.sqlite"
+    assert sqlite_path("sqlite:///relative/registry.sqlite") == Path("relative/registry.sqlite")
+    assert sqlite_path("sqlite:///:memory:") is None
+    assert sqlite_path("sqlite://") is None
+    assert sqlite_path("postgresql+psycopg://user@127.0.0.1/db") is None

@@ -500,20 +500,36 @@ def test_signed_reply_reports_sign_seconds(federation: Federation, tmp_path: Pat
     assert arrays is not None
 
 
-def test_checks_use_hashes_from_arrival(federation: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
-    hashed: list[Message] = []
-    real_hash = arrival_hashing.payload_hash
-    monkeypatch.setattr(arrival_hashing, "payload_hash", lambda content: hashed.append(content) or real_hash(content))
+@dataclass
+class ArrivalRound:
+    """Round 1 configured through an ``ArrivalHashingGrid``, with the run log's cost lines collected."""
+
+    grid: ArrivalHashingGrid
+    scripted: ScriptedGrid
+    messages: list[Message]
+    sent: dict[int, Message]
+    sink: "CostSink"
+
+
+def _arrival_round(federation: Federation) -> ArrivalRound:
     sink = CostSink()
     federation.strategy.sink = sink
     scripted = ScriptedGrid(FLOWER_IDS.values(), [])
     grid = ArrivalHashingGrid(scripted)
     messages = list(federation.strategy.configure_train(1, ArrayRecord(_state(0)), ConfigRecord({}), grid))
     sent = {message.metadata.dst_node_id: message for message in messages}
-    good = [_signed(federation, sent, node, _state(node + 1), 1) for node in (0, 1)]
-    scripted.batches = [[good[0]], [good[1], _altered_payload(federation, sent, _state(3))]]
+    return ArrivalRound(grid, scripted, messages, sent, sink)
 
-    replies = list(grid.send_and_receive(messages, timeout=None))
+
+def test_checks_use_hashes_from_arrival(federation: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
+    hashed: list[Message] = []
+    real_hash = arrival_hashing.payload_hash
+    monkeypatch.setattr(arrival_hashing, "payload_hash", lambda content: hashed.append(content) or real_hash(content))
+    setup = _arrival_round(federation)
+    good = [_signed(federation, setup.sent, node, _state(node + 1), 1) for node in (0, 1)]
+    setup.scripted.batches = [[good[0]], [good[1], _altered_payload(federation, setup.sent, _state(3))]]
+
+    replies = list(setup.grid.send_and_receive(setup.messages, timeout=None))
     arrays, _ = federation.strategy.aggregate_train(1, replies)
 
     _assert_model(arrays, _mean(_state(1), _state(2)))
@@ -523,40 +539,32 @@ def test_checks_use_hashes_from_arrival(federation: Federation, monkeypatch: pyt
     assert rejected[0]["reason"].startswith("payload altered after signing")
     accepted = _events(federation.audit.path, "update_accepted")
     assert [entry["payload_hash"] for entry in accepted] == [state_hash(_state(1)), state_hash(_state(2))]
-    line = sink.lines[0]
+    line = setup.sink.lines[0]
     assert line["prehashed"] == 3
     assert line["payload_hash_busy_s"] > 0
-    grid.close()
+    setup.grid.close()
 
 
 def test_replies_from_other_grid_hashed_on_request(federation: Federation) -> None:
-    sink = CostSink()
-    federation.strategy.sink = sink
-    grid = ArrivalHashingGrid(ScriptedGrid(FLOWER_IDS.values(), []))
-    messages = list(federation.strategy.configure_train(1, ArrayRecord(_state(0)), ConfigRecord({}), grid))
-    sent = {message.metadata.dst_node_id: message for message in messages}
-    replies = [_signed(federation, sent, node, _state(node + 1), 1) for node in FLOWER_IDS]
+    setup = _arrival_round(federation)
+    replies = [_signed(federation, setup.sent, node, _state(node + 1), 1) for node in FLOWER_IDS]
 
     arrays, _ = federation.strategy.aggregate_train(1, replies)
 
     _assert_model(arrays, _mean(_state(1), _state(2), _state(3)))
-    assert sink.lines[0]["prehashed"] == 0
+    assert setup.sink.lines[0]["prehashed"] == 0
     assert len(_events(federation.audit.path, "update_accepted")) == 3
-    grid.close()
+    setup.grid.close()
 
 
 def test_prehashed_counts_updates_only(federation: Federation) -> None:
-    sink = CostSink()
-    federation.strategy.sink = sink
-    scripted = ScriptedGrid(FLOWER_IDS.values(), [])
-    grid = ArrivalHashingGrid(scripted)
-    messages = list(federation.strategy.configure_train(1, ArrayRecord(_state(0)), ConfigRecord({}), grid))
-    sent = {message.metadata.dst_node_id: message for message in messages}
-    scripted.batches = [[_signed(federation, sent, 0, _state(1), 1), make_reply(FLOWER_IDS[1], error="node crashed"), _signed(federation, sent, 2, _state(3), 1)]]
+    setup = _arrival_round(federation)
+    crashed = make_reply(FLOWER_IDS[1], error="node crashed")
+    setup.scripted.batches = [[_signed(federation, setup.sent, 0, _state(1), 1), crashed, _signed(federation, setup.sent, 2, _state(3), 1)]]
 
-    replies = list(grid.send_and_receive(messages, timeout=None))
+    replies = list(setup.grid.send_and_receive(setup.messages, timeout=None))
     arrays, _ = federation.strategy.aggregate_train(1, replies)
 
     _assert_model(arrays, _mean(_state(1), _state(3)))
-    assert sink.lines[0]["prehashed"] == 2
-    grid.close()
+    assert setup.sink.lines[0]["prehashed"] == 2
+    setup.grid.close()
