@@ -107,6 +107,10 @@ def interrupted_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -
         assert wait_for(lambda: CRASHED_SITE not in federation.online_partitions(), 150, 3.0)
         offline_after_s = time.monotonic() - killed_at
         print(f"SuperLink reported site {CRASHED_SITE} offline {offline_after_s:.0f} s after the kill")
+        # The SuperLink answers for an offline node only while it is offline, so the
+        # site restarts after the server has recorded the missing reply.
+        run_dir = layout.runs_dir / "faults"
+        assert wait_for(lambda: _has_event(run_dir, "node_no_reply"), 300, 3.0)
         restarted = federation.start_supernode(CRASHED_SITE)
         outcome = federation.follow(run_id, layout.runs_dir / "faults", timeout_s=600)
     finally:
@@ -124,6 +128,15 @@ def interrupted_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -
         "leftovers": leftovers,
         "lines": lines,
     }
+
+
+def _has_event(run_dir: Path, event: str) -> bool:
+    """Tell whether the run's audit log already contains an ``event`` entry.
+
+    Searches the text, because the server may be writing the last line while it is read.
+    """
+    path = run_dir / "audit.jsonl"
+    return path.exists() and f'"event":"{event}"' in path.read_text(encoding="utf-8")
 
 
 def test_killed_supernode_round_completes(interrupted_run: dict[str, Any]) -> None:
